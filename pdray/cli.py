@@ -1,0 +1,143 @@
+"""The `pdray` command: a thin shell that parses options and calls one library function."""
+
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from pdray.errors import PdrayError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="PixelDefend on Ray: attacks, PixelCNN density, purification, evaluation.")
+data_app = typer.Typer(no_args_is_help=True, help="Datasets.")
+models_app = typer.Typer(no_args_is_help=True, help="Shipped models.")
+train_app = typer.Typer(no_args_is_help=True, help="Train models on Ray Train.")
+app.add_typer(data_app, name="data")
+app.add_typer(models_app, name="models")
+app.add_typer(train_app, name="train")
+
+DataDir = typer.Option(None, "--data-dir", help="Folder holding the dataset (else PDRAY_DATA_DIR, the cache, Debian's copy, a download).")
+
+
+def emit(obj, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(obj, indent=None if isinstance(obj, dict) else 2))
+    elif isinstance(obj, list):
+        for row in obj:
+            print("  ".join(f"{k}={v}" for k, v in row.items() if k not in ("config",)))
+    else:
+        for k, v in obj.items():
+            print(f"{k}: {v}")
+
+
+@data_app.command("info")
+def data_info(dataset: str = typer.Option(..., "--dataset", help="fmnist or cifar10"),
+              data_dir: Optional[Path] = DataDir,
+              as_json: bool = typer.Option(False, "--json")):
+    """Counts, shape, classes and where the data was found."""
+    from pdray import data
+
+    emit(data.load(dataset, data_dir).info(), as_json)
+
+
+@models_app.command("list")
+def models_list(as_json: bool = typer.Option(False, "--json")):
+    """The shipped models and their manifest entries."""
+    from pdray import zoo
+
+    emit(zoo.manifest(), as_json)
+
+
+@models_app.command("evaluate")
+def models_evaluate(name: str, n_images: int = typer.Option(1000, "--n-images"),
+                    data_dir: Optional[Path] = DataDir,
+                    as_json: bool = typer.Option(False, "--json")):
+    """Recompute a shipped model's metric on the first N test images."""
+    from pdray import evaluate
+
+    emit(evaluate.model_metric(name, n_images, data_dir), as_json)
+
+
+@train_app.command("classifier")
+def train_classifier(
+        dataset: str = typer.Option("fmnist", "--dataset"),
+        arch: str = typer.Option("resnet", "--arch", help="resnet or vgg"),
+        recipe: str = typer.Option("normal", "--recipe",
+                                   help="normal, adv-fgsm, adv-bim or label-smoothing"),
+        epochs: int = typer.Option(10, "--epochs"),
+        batch_size: int = typer.Option(128, "--batch-size"),
+        lr: float = typer.Option(0.1, "--lr"),
+        max_steps: int = typer.Option(0, "--max-steps", help="Stop after N steps (smoke runs)."),
+        eval_images: int = typer.Option(10000, "--eval-images"),
+        data_dir: Optional[Path] = DataDir,
+        resume_from: Optional[Path] = typer.Option(None, "--resume-from",
+                                                   help="A training-state file to start from."),
+        workers: int = typer.Option(1, "--workers", help="Ray Train data-parallel workers."),
+        cpus_per_worker: int = typer.Option(2, "--cpus-per-worker"),
+        gpu: bool = typer.Option(False, "--gpu", help="One GPU per worker."),
+        runs_dir: Path = typer.Option(Path("runs"), "--runs-dir"),
+        ship: bool = typer.Option(False, "--ship", help="Export into the package's weights."),
+        as_json: bool = typer.Option(False, "--json")):
+    """Train a Table 1 classifier; rerunning the same command resumes it."""
+    from pdray import train
+
+    cfg = train.ClassifierConfig(dataset=dataset, arch=arch, recipe=recipe, epochs=epochs,
+                                 batch_size=batch_size, lr=lr, max_steps=max_steps,
+                                 eval_images=eval_images,
+                                 data_dir=str(data_dir) if data_dir else None,
+                                 resume_from=str(resume_from) if resume_from else None)
+    scaling = train.Scaling(num_workers=workers, use_gpu=gpu, cpus_per_worker=cpus_per_worker,
+                            runs_dir=str(runs_dir))
+    emit(train.train_classifier(cfg, scaling, ship=ship), as_json)
+
+
+@train_app.command("pixelcnn")
+def train_pixelcnn(
+        dataset: str = typer.Option("fmnist", "--dataset"),
+        filters: int = typer.Option(64, "--filters"),
+        blocks: int = typer.Option(6, "--blocks"),
+        dropout: float = typer.Option(0.1, "--dropout"),
+        steps: int = typer.Option(6000, "--steps", help="Total steps; raise and rerun to go on."),
+        batch_size: int = typer.Option(64, "--batch-size"),
+        lr: float = typer.Option(1e-3, "--lr"),
+        report_every: int = typer.Option(300, "--report-every"),
+        eval_images: int = typer.Option(1000, "--eval-images"),
+        data_dir: Optional[Path] = DataDir,
+        resume_from: Optional[Path] = typer.Option(None, "--resume-from"),
+        workers: int = typer.Option(1, "--workers"),
+        cpus_per_worker: int = typer.Option(2, "--cpus-per-worker"),
+        gpu: bool = typer.Option(False, "--gpu"),
+        runs_dir: Path = typer.Option(Path("runs"), "--runs-dir"),
+        ship: bool = typer.Option(False, "--ship"),
+        as_json: bool = typer.Option(False, "--json")):
+    """Train the PixelCNN density model; rerunning the same command resumes it."""
+    from pdray import train
+
+    cfg = train.PixelCNNConfig(dataset=dataset, filters=filters, blocks=blocks, dropout=dropout,
+                               steps=steps, batch_size=batch_size, lr=lr,
+                               report_every=report_every, eval_images=eval_images,
+                               data_dir=str(data_dir) if data_dir else None,
+                               resume_from=str(resume_from) if resume_from else None)
+    scaling = train.Scaling(num_workers=workers, use_gpu=gpu, cpus_per_worker=cpus_per_worker,
+                            runs_dir=str(runs_dir))
+    emit(train.train_pixelcnn(cfg, scaling, ship=ship), as_json)
+
+
+def run(fn, *args, **kwargs):
+    """Call ``fn`` (the app, or a job's function); a PdrayError becomes one paragraph on
+    stderr and exit status 2, never a traceback."""
+    try:
+        return fn(*args, **kwargs)
+    except PdrayError as e:
+        print(textwrap.fill(f"pdray: error: {e}", width=100, break_long_words=False,
+                            break_on_hyphens=False), file=sys.stderr)
+        sys.exit(2)
+
+
+def main() -> None:
+    run(app)

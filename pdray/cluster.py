@@ -1,0 +1,44 @@
+"""Connecting to Ray and choosing devices: the few facts every Ray entry point needs."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from pdray.errors import PdrayError
+
+# Ray's default object store takes 30% of RAM; pdray's batches are small images.
+LOCAL_OBJECT_STORE_BYTES = 1 << 30
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Join the cluster a job was submitted to (RAY_ADDRESS), or start a small local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+    else:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+                 object_store_memory=LOCAL_OBJECT_STORE_BYTES, log_to_driver=True)
+
+
+def gpus_available() -> int:
+    import ray
+
+    return int(ray.cluster_resources().get("GPU", 0))
+
+
+def require_gpus(n: int) -> None:
+    """Asking Ray for GPUs that no node has hangs forever; fail at once instead."""
+    have = gpus_available()
+    if n > have:
+        raise PdrayError(f"{n} GPU(s) requested but the Ray cluster has {have}. Run on CPU "
+                         f"(omit --gpus / use_gpu) or add GPU nodes (see cluster.yaml).")
+
+
+def torch_device() -> torch.device:
+    """The device torch can use here; Ray's GPU bookkeeping alone does not make CUDA real."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,0 +1,251 @@
+"""Datasets as uint8 NHWC arrays in the official order, and deterministic test-set shards.
+
+A dataset is looked up in this order: an explicit ``data_dir`` (or ``PDRAY_DATA_DIR``),
+the user cache, Debian's ``dataset-fashion-mnist`` install, then a download from the
+official source into the cache, verified by checksum before it is used.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import hashlib
+import os
+import pickle
+import shutil
+import tarfile
+import tempfile
+import urllib.request
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+import numpy as np
+
+from pdray.errors import PdrayError
+
+
+class Dataset(str, Enum):
+    FMNIST = "fmnist"
+    CIFAR10 = "cifar10"
+
+
+CLASSES = {
+    Dataset.FMNIST: ("t-shirt/top", "trouser", "pullover", "dress", "coat",
+                     "sandal", "shirt", "sneaker", "bag", "ankle boot"),
+    Dataset.CIFAR10: ("airplane", "automobile", "bird", "cat", "deer",
+                      "dog", "frog", "horse", "ship", "truck"),
+}
+SHAPE = {Dataset.FMNIST: (28, 28, 1), Dataset.CIFAR10: (32, 32, 3)}
+
+# Folder names as the official archives unpack them.
+FOLDER = {Dataset.FMNIST: "fashion-mnist", Dataset.CIFAR10: "cifar-10-batches-py"}
+DEBIAN_DIR = {Dataset.FMNIST: Path("/usr/share/datasets/fashion-mnist")}
+
+FMNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+# sha256 of the decompressed idx files, so the Debian copy and a download check alike.
+FMNIST_FILES = {
+    "train-images-idx3-ubyte.gz": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+    "train-labels-idx1-ubyte.gz": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+    "t10k-images-idx3-ubyte.gz": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+    "t10k-labels-idx1-ubyte.gz": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+}
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"  # of the official tarball
+CIFAR10_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+
+
+@dataclass(frozen=True)
+class Split:
+    images: np.ndarray  # (N, H, W, C) uint8
+    labels: np.ndarray  # (N,) int64
+
+
+# The last images of the official training split are held out of every shipped model's
+# training: validation data for choices such as the adaptive threshold (Appendix C).
+VALIDATION_IMAGES = 5000
+
+
+@dataclass(frozen=True)
+class Data:
+    dataset: Dataset
+    train: Split  # the whole official training split
+    test: Split
+    source: str  # the folder the arrays were read from
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return CLASSES[self.dataset]
+
+    @property
+    def fit(self) -> Split:
+        """The training images models learn from: all but the held-out validation tail."""
+        return Split(self.train.images[:-VALIDATION_IMAGES], self.train.labels[:-VALIDATION_IMAGES])
+
+    @property
+    def validation(self) -> Split:
+        return Split(self.train.images[-VALIDATION_IMAGES:], self.train.labels[-VALIDATION_IMAGES:])
+
+    def info(self) -> dict:
+        return {"dataset": self.dataset.value, "train": len(self.train.labels),
+                "test": len(self.test.labels), "validation": VALIDATION_IMAGES,
+                "shape": list(SHAPE[self.dataset]), "classes": list(self.classes),
+                "source": self.source}
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "pdray"
+
+
+def parse_dataset(name: str | Dataset) -> Dataset:
+    try:
+        return Dataset(name)
+    except ValueError:
+        raise PdrayError(f"Unknown dataset {name!r}: choose one of "
+                         f"{', '.join(d.value for d in Dataset)}.") from None
+
+
+def load(dataset: str | Dataset, data_dir: str | Path | None = None) -> Data:
+    """Load both splits of ``dataset``, searching the locations in the module docstring."""
+    dataset = parse_dataset(dataset)
+    data_dir = data_dir or os.environ.get("PDRAY_DATA_DIR")
+    candidates = [Path(data_dir)] if data_dir else []
+    candidates += [cache_dir()] + ([DEBIAN_DIR[dataset]] if dataset in DEBIAN_DIR else [])
+    looked = []
+    for root in candidates:
+        for folder in (root, root / FOLDER[dataset]):
+            looked.append(str(folder))
+            if _has_files(dataset, folder):
+                return _read(dataset, folder.resolve())
+    if os.environ.get("PDRAY_OFFLINE"):
+        raise PdrayError(
+            f"{dataset.value} was not found (looked in {', '.join(looked)}) and downloads are "
+            f"off (PDRAY_OFFLINE is set). Pass --data-dir pointing at a folder that holds "
+            f"{_expected(dataset)}, or unset PDRAY_OFFLINE to download it into {cache_dir()}.")
+    folder = _download(dataset, looked)
+    return _read(dataset, folder.resolve())
+
+
+def shard_indices(n_images: int, shards: int, indices: np.ndarray | list[int] | None = None,
+                  n_available: int | None = None) -> list[np.ndarray]:
+    """Cut the first ``n_images`` test indices (or ``indices``) into ``shards`` contiguous
+    pieces; shard k always holds the same indices for the same arguments."""
+    ids = np.arange(n_images) if indices is None else np.asarray(indices, dtype=np.int64)
+    if ids.ndim != 1 or len(ids) == 0:
+        raise PdrayError("Choose at least one test image (n_images >= 1 or a non-empty index list).")
+    if n_available is not None and (ids.min() < 0 or ids.max() >= n_available):
+        raise PdrayError(f"Test indices must lie in 0..{n_available - 1}; got "
+                         f"{ids.min()}..{ids.max()}.")
+    if not 1 <= shards <= len(ids):
+        raise PdrayError(f"shards must be between 1 and the number of images ({len(ids)}); "
+                         f"got {shards}.")
+    return np.array_split(ids, shards)
+
+
+def _expected(dataset: Dataset) -> str:
+    if dataset is Dataset.FMNIST:
+        return "the four Fashion-MNIST idx-ubyte.gz files"
+    return "the official CIFAR-10 python-format folder cifar-10-batches-py"
+
+
+def _has_files(dataset: Dataset, folder: Path) -> bool:
+    names = FMNIST_FILES if dataset is Dataset.FMNIST else CIFAR10_FILES
+    return folder.is_dir() and all((folder / n).is_file() for n in names)
+
+
+@functools.lru_cache(maxsize=4)
+def _read(dataset: Dataset, folder: Path) -> Data:
+    try:
+        if dataset is Dataset.FMNIST:
+            train = Split(_idx(folder / "train-images-idx3-ubyte.gz")[..., None],
+                          _idx(folder / "train-labels-idx1-ubyte.gz").astype(np.int64))
+            test = Split(_idx(folder / "t10k-images-idx3-ubyte.gz")[..., None],
+                         _idx(folder / "t10k-labels-idx1-ubyte.gz").astype(np.int64))
+        else:
+            parts = [_cifar_batch(folder / n) for n in CIFAR10_FILES]
+            train = Split(np.concatenate([p.images for p in parts[:5]]),
+                          np.concatenate([p.labels for p in parts[:5]]))
+            test = parts[5]
+    except (OSError, EOFError, ValueError, KeyError, pickle.UnpicklingError) as e:
+        raise PdrayError(f"{dataset.value} data in {folder} is unreadable or corrupt ({e}). "
+                         f"Replace it with {_expected(dataset)}, or remove it so pdray can "
+                         f"look elsewhere.") from None
+    want = {Dataset.FMNIST: (60000, 10000), Dataset.CIFAR10: (50000, 10000)}[dataset]
+    for split, n in zip((train, test), want):
+        if split.images.shape != (n, *SHAPE[dataset]) or split.labels.shape != (n,):
+            raise PdrayError(f"{dataset.value} data in {folder} has shape "
+                             f"{split.images.shape}, expected {(n, *SHAPE[dataset])}; it is "
+                             f"not the official dataset.")
+    for a in (train.images, train.labels, test.images, test.labels):
+        a.setflags(write=False)
+    return Data(dataset, train, test, str(folder))
+
+
+def _idx(path: Path) -> np.ndarray:
+    raw = gzip.open(path).read()
+    if hashlib.sha256(raw).hexdigest() != FMNIST_FILES[path.name]:
+        raise ValueError(f"checksum mismatch in {path.name}")
+    ndim = raw[3]
+    dims = np.frombuffer(raw, ">u4", count=ndim, offset=4)
+    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+class _ArraysOnly(pickle.Unpickler):
+    """The CIFAR-10 batches are pickles; refuse anything in them but numpy arrays."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"unexpected object {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _cifar_batch(path: Path) -> Split:
+    with open(path, "rb") as f:
+        d = _ArraysOnly(f, encoding="bytes").load()
+    data = np.asarray(d[b"data"], dtype=np.uint8)
+    images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return Split(np.ascontiguousarray(images), np.asarray(d[b"labels"], dtype=np.int64))
+
+
+def _fetch(url: str, dest: Path) -> None:
+    with urllib.request.urlopen(url, timeout=60) as r, open(dest, "wb") as f:
+        shutil.copyfileobj(r, f)
+
+
+def _download(dataset: Dataset, looked: list[str]) -> Path:
+    target = cache_dir() / FOLDER[dataset]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        tmp = Path(tmp)
+        try:
+            if dataset is Dataset.FMNIST:
+                folder = tmp / FOLDER[dataset]
+                folder.mkdir()
+                for name, sha in FMNIST_FILES.items():
+                    _fetch(FMNIST_URL + name, folder / name)
+                    if hashlib.sha256(gzip.open(folder / name).read()).hexdigest() != sha:
+                        raise ValueError(f"checksum mismatch in downloaded {name}")
+            else:
+                archive = tmp / "cifar-10-python.tar.gz"
+                _fetch(CIFAR10_URL, archive)
+                if hashlib.md5(archive.read_bytes()).hexdigest() != CIFAR10_MD5:
+                    raise ValueError("checksum mismatch in downloaded cifar-10-python.tar.gz")
+                with tarfile.open(archive) as t:
+                    t.extractall(tmp, filter="data")
+                folder = tmp / FOLDER[dataset]
+        except (OSError, ValueError, tarfile.TarError) as e:
+            raise PdrayError(
+                f"{dataset.value} was not found (looked in {', '.join(looked)}) and the "
+                f"download failed ({e}). Pass --data-dir pointing at a folder that holds "
+                f"{_expected(dataset)}"
+                + (", or run `apt-get install dataset-fashion-mnist`." if dataset is Dataset.FMNIST
+                   else ".")) from None
+        if target.exists():  # an incomplete earlier copy: _has_files rejected it
+            shutil.rmtree(target)
+        os.replace(folder, target)
+    return target
+

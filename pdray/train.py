@@ -1,0 +1,372 @@
+"""Training on Ray Train: data-parallel TorchTrainer workers, CPU here, GPUs on a cluster.
+
+A run lives in ``runs_dir/<name>/`` (Ray Train's storage). Starting the same run again
+resumes from its last checkpoint: Ray hands it back through ``ray.train.get_checkpoint``.
+``resume_from`` names a training-state file to start from instead (one committed from an
+earlier machine, say). Each epoch reports the test metric and a checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pdray import attacks, classifiers, data, zoo
+from pdray.errors import PdrayError
+
+RECIPES = ("normal", "adv-fgsm", "adv-bim", "label-smoothing")
+
+
+@dataclass
+class ClassifierConfig:
+    dataset: str = "fmnist"
+    arch: str = "resnet"
+    recipe: str = "normal"
+    epochs: int = 10
+    batch_size: int = 128          # global; split across workers
+    lr: float = 0.1                # SGD + Nesterov, linear warm-up then cosine decay
+    weight_decay: float = 5e-4
+    smoothing: float = 0.1         # label-smoothing eps (Warde-Farley & Goodfellow)
+    adv_fraction: float = 0.5      # Kurakin et al.: replace this share of each batch
+    seed: int = 0
+    max_steps: int = 0             # > 0: stop after this many steps (tests, smoke runs)
+    eval_images: int = 10000       # test images scored after each epoch
+    data_dir: str | None = None
+    resume_from: str | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.dataset}-{self.arch}-{self.recipe}"
+
+    def validate(self) -> "ClassifierConfig":
+        data.parse_dataset(self.dataset)
+        classifiers.parse_arch(self.arch)
+        if self.recipe not in RECIPES:
+            raise PdrayError(f"Unknown recipe {self.recipe!r}: choose one of {', '.join(RECIPES)}.")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise PdrayError("epochs and batch_size must be at least 1.")
+        return self
+
+
+@dataclass
+class Scaling:
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: int = 2
+    runs_dir: str = "runs"
+    extra: dict = field(default_factory=dict)
+
+
+# ---- shared by every training loop ---------------------------------------------------------
+
+def lr_at(step: int, total: int, base: float, warmup: int) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return 0.5 * base * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def start_state(resume_from: str | None) -> dict | None:
+    """The training state to continue from: Ray's last checkpoint of this run, else the
+    file named by resume_from, else None (a fresh start)."""
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            return torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
+    if resume_from:
+        return torch.load(resume_from, map_location="cpu", weights_only=True)
+    return None
+
+
+def report(metrics: dict, state: dict) -> None:
+    """Report an epoch's metrics; rank 0 attaches the checkpoint."""
+    import ray.train
+
+    if ray.train.get_context().get_world_rank() != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as d:
+        torch.save(state, Path(d) / "state.pt")
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def worker_batches(n: int, batch_size: int, seed: int, epoch: int):
+    """This worker's share of a seeded per-epoch permutation, in local batches."""
+    import ray.train
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    local = max(1, batch_size // world)
+    steps = n // batch_size
+    for s in range(steps):
+        yield s, perm[s * batch_size:(s + 1) * batch_size][rank * local:(rank + 1) * local]
+
+
+def unwrap(model):
+    """The model inside DistributedDataParallel, if prepare_model wrapped it."""
+    return model.module if hasattr(model, "module") else model
+
+
+def augment(x: torch.Tensor, pad: int, flip: bool, gen: torch.Generator) -> torch.Tensor:
+    """Random shifts (reflect padding + crop) and horizontal flips, per image."""
+    b, _, h, w = x.shape
+    padded = F.pad(x, (pad,) * 4, mode="reflect")
+    dy = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
+    dx = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
+    out = torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(b)])
+    if flip:
+        mask = torch.rand(b, generator=gen) < 0.5
+        out[mask] = out[mask].flip(3)
+    return out
+
+
+def fit(loop, config: dict, name: str, scaling: Scaling):
+    """Run ``loop`` on Ray Train workers and return the final ray.train.Result."""
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pdray.cluster import init_ray, require_gpus
+
+    init_ray()
+    if scaling.use_gpu:
+        require_gpus(scaling.num_workers)
+    runs = Path(scaling.runs_dir).resolve()
+    runs.mkdir(parents=True, exist_ok=True)
+    trainer = TorchTrainer(
+        loop, train_loop_config=config,
+        scaling_config=ScalingConfig(
+            num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+            resources_per_worker={"CPU": scaling.cpus_per_worker,
+                                  **({"GPU": 1} if scaling.use_gpu else {})}),
+        run_config=RunConfig(name=name, storage_path=str(runs),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)))
+    return trainer.fit()
+
+
+def finish(result, name: str, ship: bool) -> dict:
+    """Turn the run's last checkpoint into a weights file (and a manifest entry if shipped)."""
+    if result.error:
+        raise result.error
+    with result.checkpoint.as_directory() as d:
+        state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
+    ckpt = {k: state[k] for k in ("kind", "dataset", "arch", "recipe", "config", "metrics")}
+    if "train_config" in state:
+        ckpt["train_config"] = state["train_config"]
+    ckpt["state_dict"] = state["model"]
+    wall = state["wall_time_s"]
+    if ship:
+        return zoo.export(ckpt, name, epochs=state["epoch"], wall_time_s=wall)
+    return {"name": name, "epochs": state["epoch"], "wall_time_s": wall, "metrics": state["metrics"]}
+
+
+# ---- classifiers ---------------------------------------------------------------------------
+
+def _accuracy(model, images: np.ndarray, labels: np.ndarray, device, batch: int = 500) -> float:
+    model.eval()
+    correct = 0
+    with torch.inference_mode():
+        for i in range(0, len(labels), batch):
+            x = torch.from_numpy(images[i:i + batch].transpose(0, 3, 1, 2).copy()).float()
+            pred = model(x.to(device)).argmax(1).cpu().numpy()
+            correct += int((pred == labels[i:i + batch]).sum())
+    return correct / len(labels)
+
+
+def classifier_loop(config: dict) -> None:
+    """One Ray Train worker's training of a classifier with one of the Table 1 recipes."""
+    import ray.train.torch
+
+    cfg = ClassifierConfig(**config)
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.seed)
+    d = data.load(cfg.dataset, cfg.data_dir)
+    train_x, train_y = d.fit.images, d.fit.labels
+    mean = (train_x.reshape(-1, train_x.shape[-1]).mean(0)).tolist()
+    std = (train_x.reshape(-1, train_x.shape[-1]).std(0)).tolist()
+    model = classifiers.build(cfg.arch, data.SHAPE[d.dataset], mean, std)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True,
+                          weight_decay=cfg.weight_decay)
+    state = start_state(cfg.resume_from)
+    epoch, step, wall = 0, 0, 0.0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        epoch, step, wall = state["epoch"], state["step"], state["wall_time_s"]
+    model = ray.train.torch.prepare_model(model)
+    core = unwrap(model)
+    steps_per_epoch = len(train_x) // cfg.batch_size
+    total = cfg.epochs * steps_per_epoch
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+    pad, flip = (2, True) if d.dataset is data.Dataset.FMNIST else (4, True)
+    labels_all = torch.from_numpy(train_y.copy())
+    while epoch < cfg.epochs:
+        t0 = time.time()
+        model.train()
+        for s, idx in worker_batches(len(train_x), cfg.batch_size, cfg.seed, epoch):
+            x = torch.from_numpy(train_x[idx].transpose(0, 3, 1, 2).copy()).float()
+            x = augment(x, pad, flip, gen).to(device)
+            y = labels_all[idx].to(device)
+            if cfg.recipe in ("adv-fgsm", "adv-bim"):
+                k = int(len(x) * cfg.adv_fraction)
+                eps = attacks.sample_eps(k, gen)
+                x = x.clone()
+                x[:k] = attacks.adversarial_batch(core, x[:k], eps, cfg.recipe == "adv-bim")
+            logits = model(x)
+            if cfg.recipe == "label-smoothing":
+                n = logits.shape[1]
+                target = torch.full_like(logits, cfg.smoothing / (n - 1))
+                target.scatter_(1, y[:, None], 1 - cfg.smoothing)
+                loss = torch.sum(-target * F.log_softmax(logits, 1), 1).mean()
+            else:
+                loss = F.cross_entropy(logits, y)
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, total, cfg.lr, warmup=steps_per_epoch // 2)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            if step % 50 == 0:
+                print(f"epoch {epoch + 1} step {s + 1}/{steps_per_epoch} loss {loss.item():.3f} "
+                      f"{time.time() - t0:.0f} s", flush=True)
+            if cfg.max_steps and s + 1 >= cfg.max_steps:
+                break
+        epoch += 1
+        wall += time.time() - t0
+        n_eval = min(cfg.eval_images, len(d.test.labels))
+        acc = _accuracy(core, d.test.images[:n_eval], d.test.labels[:n_eval], device)
+        metrics = {"test_accuracy": acc, "eval_images": n_eval, "epoch": epoch,
+                   "loss": float(loss.detach()), "wall_time_s": wall}
+        report(metrics, {"kind": "classifier", "dataset": cfg.dataset, "arch": cfg.arch,
+                         "recipe": cfg.recipe, "config": asdict(cfg), "metrics": metrics,
+                         "model": core.state_dict(), "optimizer": opt.state_dict(),
+                         "epoch": epoch, "step": step, "wall_time_s": wall})
+        if cfg.max_steps:
+            break
+
+
+def train_classifier(cfg: ClassifierConfig, scaling: Scaling, ship: bool = False) -> dict:
+    cfg.validate()
+    result = fit(classifier_loop, asdict(cfg), cfg.name, scaling)
+    return finish(result, cfg.name, ship)
+
+
+# ---- PixelCNN ------------------------------------------------------------------------------
+
+@dataclass
+class PixelCNNConfig:
+    dataset: str = "fmnist"
+    filters: int = 64
+    blocks: int = 6
+    dropout: float = 0.1
+    steps: int = 6000              # total optimiser steps; raise it and rerun to train on
+    batch_size: int = 64           # global; split across workers
+    lr: float = 1e-3               # Adam, decayed by lr_decay per step (PixelCNN++)
+    lr_decay: float = 0.9998
+    ema: float = 0.999             # Polyak averaging of the weights that are evaluated and shipped
+    report_every: int = 300        # steps between checkpoints and test bits/dim
+    eval_images: int = 1000        # test images scored at each report
+    seed: int = 0
+    data_dir: str | None = None
+    resume_from: str | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.dataset}-pixelcnn"
+
+    def model_config(self):
+        from pdray import pixelcnn
+
+        return pixelcnn.Config(channels=data.SHAPE[data.parse_dataset(self.dataset)][2],
+                               filters=self.filters, blocks=self.blocks, dropout=self.dropout)
+
+
+def _bpd(model, images: np.ndarray, device, batch: int = 100) -> float:
+    model.eval()
+    total = 0.0
+    with torch.inference_mode():
+        for i in range(0, len(images), batch):
+            x = torch.from_numpy(images[i:i + batch].transpose(0, 3, 1, 2).copy()).to(device)
+            total += float(model.bpd(x).sum())
+    return total / len(images)
+
+
+def pixelcnn_loop(config: dict) -> None:
+    """One Ray Train worker's maximum-likelihood training of the PixelCNN."""
+    import ray.train.torch
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    from pdray import pixelcnn
+
+    cfg = PixelCNNConfig(**config)
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.seed)
+    d = data.load(cfg.dataset, cfg.data_dir)
+    model = pixelcnn.PixelCNN(cfg.model_config()).to(device)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    state = start_state(cfg.resume_from)
+    step, wall = 0, 0.0
+    if state is not None:
+        model.load_state_dict(state["train_model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        step, wall = state["step"], state["wall_time_s"]
+    model = ray.train.torch.prepare_model(model)
+    core = unwrap(model)
+    train_x = d.fit.images
+    per_epoch = len(train_x) // cfg.batch_size
+    t0 = time.time()
+    while step < cfg.steps:
+        epoch, s = divmod(step, per_epoch)
+        batches = worker_batches(len(train_x), cfg.batch_size, cfg.seed, epoch)
+        for s_i, idx in batches:
+            if s_i < s:
+                continue  # resume mid-epoch at the same batch
+            model.train()
+            x = torch.from_numpy(train_x[idx].transpose(0, 3, 1, 2).copy()).to(device)
+            for g in opt.param_groups:
+                g["lr"] = cfg.lr * cfg.lr_decay ** step
+            loss = pixelcnn.bpd(model(x), x).mean()  # through forward, so DDP syncs
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            ema.update_parameters(core)
+            step += 1
+            if step % 20 == 0:
+                print(f"step {step}/{cfg.steps} train bpd {float(loss):.3f} "
+                      f"{(time.time() - t0) / 20:.2f} s/step", flush=True)
+                wall += time.time() - t0
+                t0 = time.time()
+            if step % cfg.report_every == 0 or step == cfg.steps:
+                wall += time.time() - t0
+                n_eval = min(cfg.eval_images, len(d.test.labels))
+                bpd = _bpd(ema.module, d.test.images[:n_eval], device)
+                metrics = {"test_bpd": bpd, "eval_images": n_eval, "step": step,
+                           "epoch": step / per_epoch, "train_bpd": float(loss), "wall_time_s": wall}
+                print(f"step {step}: test bpd {bpd:.4f} on {n_eval} images", flush=True)
+                report(metrics, {"kind": "pixelcnn", "dataset": cfg.dataset, "arch": "pixelcnn",
+                                 "recipe": None, "config": asdict(cfg.model_config()),
+                                 "train_config": asdict(cfg), "metrics": metrics,
+                                 "model": ema.module.state_dict(),
+                                 "train_model": core.state_dict(),
+                                 "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+                                 "epoch": round(step / per_epoch, 3), "step": step,
+                                 "wall_time_s": wall})
+                t0 = time.time()
+            if step >= cfg.steps:
+                break
+
+
+def train_pixelcnn(cfg: PixelCNNConfig, scaling: Scaling, ship: bool = False) -> dict:
+    data.parse_dataset(cfg.dataset)
+    result = fit(pixelcnn_loop, asdict(cfg), cfg.name, scaling)
+    return finish(result, cfg.name, ship)

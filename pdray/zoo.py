@@ -1,0 +1,134 @@
+"""Shipped weights: the manifest, checksummed loading, and export of trained models.
+
+A weights file is a plain dict loadable with ``torch.load(weights_only=True)``:
+``{"kind", "dataset", "arch", "recipe", "config", "metrics", "state_dict"}``. The
+manifest (weights/manifest.json) lists each file with its recipe, epochs, wall time,
+metrics and sha256, and is what ``pdray models list`` prints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from pdray.errors import PdrayError
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+MANIFEST = WEIGHTS_DIR / "manifest.json"
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write(path: Path, write) -> None:
+    """Write through ``write(tmp_path)`` into a temporary file beside ``path``, then
+    rename it into place, so readers never see a half-written file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def manifest() -> list[dict]:
+    if not MANIFEST.exists():
+        return []
+    return json.loads(MANIFEST.read_text())
+
+
+def entry(name: str) -> dict:
+    for e in manifest():
+        if e["name"] == name:
+            return e
+    names = ", ".join(e["name"] for e in manifest()) or "none yet"
+    raise PdrayError(f"No shipped model named {name!r}. Shipped models: {names} "
+                     f"(`pdray models list`).")
+
+
+def load_checkpoint(path: str | Path, expected_sha256: str | None = None) -> dict:
+    """Load a weights or training-state file safely, with a clear error if it is bad."""
+    path = Path(path)
+    if not path.is_file():
+        raise PdrayError(f"Checkpoint {path} does not exist.")
+    if expected_sha256 and sha256(path) != expected_sha256:
+        raise PdrayError(f"Checkpoint {path} does not match its manifest sha256: it is "
+                         f"corrupt or was replaced. Restore it (git checkout -- {path.name}) "
+                         f"or retrain it.")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for truncated or foreign files
+        raise PdrayError(f"Checkpoint {path} cannot be read ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}). It is corrupt or "
+                         f"not a pdray checkpoint.") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "kind" not in ckpt:
+        raise PdrayError(f"Checkpoint {path} is not a pdray weights file.")
+    return ckpt
+
+
+def build(ckpt: dict) -> nn.Module:
+    """The model a weights file describes, with its weights, in eval mode on the CPU."""
+    from pdray import classifiers, data
+
+    if ckpt["kind"] == "classifier":
+        shape = data.SHAPE[data.Dataset(ckpt["dataset"])]
+        model = classifiers.build(ckpt["arch"], shape, [0.0] * shape[2], [1.0] * shape[2])
+    elif ckpt["kind"] == "pixelcnn":
+        from pdray import pixelcnn
+
+        model = pixelcnn.PixelCNN(pixelcnn.Config(**ckpt["config"]))
+    else:
+        raise PdrayError(f"Unknown model kind {ckpt['kind']!r} in checkpoint.")
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as e:
+        raise PdrayError(f"Checkpoint weights do not fit a {ckpt['kind']} "
+                         f"({str(e).splitlines()[0]}).") from None
+    return model.eval()
+
+
+def path_of(name: str) -> Path:
+    """The weights file of a shipped model (what pipeline actors load by path)."""
+    return WEIGHTS_DIR / entry(name)["file"]
+
+
+def load(name_or_path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
+    """A shipped model by name (checksum verified), or any weights file by path."""
+    p = Path(name_or_path)
+    if p.suffix == ".pt" and (p.is_file() or os.sep in str(name_or_path)):
+        ckpt = load_checkpoint(p)
+    else:
+        e = entry(str(name_or_path))
+        ckpt = load_checkpoint(WEIGHTS_DIR / e["file"], e["sha256"])
+    return build(ckpt).to(device), ckpt
+
+
+def export(ckpt: dict, name: str, epochs: int, wall_time_s: float) -> dict:
+    """Ship a trained model: write weights/<name>.pt and its manifest entry, atomically."""
+    WEIGHTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = WEIGHTS_DIR / f"{name}.pt"
+    atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
+    new = {"name": name, "dataset": ckpt["dataset"], "kind": ckpt["kind"], "arch": ckpt["arch"],
+           "recipe": ckpt.get("recipe"), "epochs": epochs, "wall_time_s": round(wall_time_s, 1),
+           "metrics": ckpt["metrics"], "config": ckpt["config"],
+           **({"train_config": ckpt["train_config"]} if "train_config" in ckpt else {}),
+           "sha256": sha256(path),
+           "file": path.name}
+    entries = [e for e in manifest() if e["name"] != name] + [new]
+    entries.sort(key=lambda e: (e["kind"], e["dataset"], e["name"]))
+    atomic_write(MANIFEST, lambda tmp: tmp.write_text(json.dumps(entries, indent=2) + "\n"))
+    return new

@@ -1,0 +1,72 @@
+"""Tiny CPU models and real sample images shared by all tests. No network, no GPU."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import foolbox
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_CIFAR = REPO.parent / "shared" / "data" / "cifar10-jpeg"
+
+# Every test, and every `pdray` it starts, reads CIFAR-10 from ../shared and never downloads.
+os.environ["PDRAY_OFFLINE"] = "1"
+os.environ["PDRAY_DATA_DIR"] = str(SHARED_CIFAR)
+os.environ["RAY_AUTH_MODE"] = "disabled"
+torch.set_num_threads(2)
+
+
+def foolbox_samples(name: str) -> tuple[np.ndarray, np.ndarray]:
+    """The 20 exact test images foolbox ships (Fashion-MNIST or CIFAR-10), uint8 NHWC."""
+    folder = Path(foolbox.__file__).parent / "data"
+    files = sorted(folder.glob(f"{name}_*.png"))
+    images = [np.asarray(Image.open(f)) for f in files]
+    images = np.stack([im if im.ndim == 3 else im[..., None] for im in images]).astype(np.uint8)
+    labels = np.array([int(re.search(r"_(\d+)\.png$", f.name).group(1)) for f in files])
+    return images, labels
+
+
+@pytest.fixture(scope="session")
+def fmnist_samples():
+    return foolbox_samples("fashionMNIST")
+
+
+@pytest.fixture(scope="session")
+def cifar_samples():
+    return foolbox_samples("cifar10")
+
+
+def tiny_classifier(channels: int, seed: int = 0):
+    """The paper's ResNet with one unit per stage: same code path, a fraction of the cost."""
+    from pdray.classifiers import ResNet
+
+    torch.manual_seed(seed)
+    return ResNet(channels, [128.0] * channels, [64.0] * channels, units=1).eval()
+
+
+def tiny_pixelcnn(channels: int, seed: int = 0, filters: int = 8, blocks: int = 2):
+    """A small random PixelCNN whose conditionals are far from flat."""
+    from pdray.pixelcnn import Config, PixelCNN
+
+    torch.manual_seed(seed)
+    model = PixelCNN(Config(channels=channels, filters=filters, blocks=blocks)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False,
+             object_store_memory=300 * 1024 * 1024)
+    yield ray
+    ray.shutdown()

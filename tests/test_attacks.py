@@ -1,0 +1,91 @@
+import numpy as np
+import pytest
+
+from pdray import attacks
+from pdray.errors import PdrayError
+from conftest import tiny_classifier
+
+
+@pytest.mark.parametrize("name", [a.value for a in attacks.Attack])
+@pytest.mark.parametrize("eps_attack", [2, 8])
+@pytest.mark.parametrize("samples", ["fmnist_samples", "cifar_samples"])
+def test_attack_invariants(name, eps_attack, samples, request):
+    images, labels = request.getfixturevalue(samples)
+    images, labels = images[:6], labels[:6]
+    model = tiny_classifier(images.shape[-1])
+    adv = attacks.attack(name, model, images, labels, eps_attack,
+                         cw_steps=10, cw_binary_search_steps=2, deepfool_steps=10)
+    assert adv.dtype == np.uint8 and adv.shape == images.shape
+    delta = adv.astype(np.int16) - images.astype(np.int16)
+    assert np.abs(delta).max() <= eps_attack  # inside the eps ball, integer pixels
+    assert np.abs(delta).max() > 0  # and it did something
+    if name in ("fgsm",):
+        # FGSM moves every sub-pixel by exactly eps unless a bound clips it.
+        clipped = (images.astype(int) + eps_attack > 255) | (images.astype(int) - eps_attack < 0)
+        assert np.all((np.abs(delta) == eps_attack) | clipped)
+
+
+def test_attacks_lower_accuracy_of_a_trained_model(fmnist_samples):
+    """Gradient attacks must hurt: train the tiny model to fit 20 images, then attack."""
+    import torch
+
+    images, labels = fmnist_samples
+    model = tiny_classifier(1).train()
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    x = torch.from_numpy(images.transpose(0, 3, 1, 2)).float()
+    y = torch.from_numpy(labels)
+    for _ in range(60):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(), loss.backward(), opt.step()
+    model.eval()
+    from pdray.evaluate import predict
+
+    assert (predict(model, images) == labels).mean() == 1.0
+    for name in ("fgsm", "bim"):
+        adv = attacks.attack(name, model, images, labels, 32)
+        assert (predict(model, adv) == labels).mean() < 0.5, name
+
+
+def test_rand_is_seeded_integer_noise(fmnist_samples):
+    images, labels = fmnist_samples
+    a = attacks.attack("rand", None, images, labels, 8, seed=3)
+    b = attacks.attack("rand", None, images, labels, 8, seed=3)
+    c = attacks.attack("rand", None, images, labels, 8, seed=4)
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_project_has_no_uint8_wraparound():
+    x = np.array([[[[0], [255], [3]]]], dtype=np.uint8)
+    adv = np.array([[[[-20.0], [300.0], [-1.0]]]])
+    assert attacks.project(x, adv, 8).ravel().tolist() == [0, 255, 0]
+
+
+def test_bim_steps_follow_kurakin():
+    assert [attacks.bim_steps(e) for e in (1, 2, 8, 16)] == [1, 2, 10, 20]
+
+
+@pytest.mark.parametrize("bad", [-1, 256, 2.5])
+def test_eps_out_of_range_is_a_clear_error(bad, fmnist_samples):
+    images, labels = fmnist_samples
+    with pytest.raises(PdrayError, match="0..255"):
+        attacks.attack("fgsm", tiny_classifier(1), images, labels, bad)
+
+
+def test_unknown_attack_is_a_clear_error(fmnist_samples):
+    with pytest.raises(PdrayError, match="Unknown attack"):
+        attacks.parse_attack("jsma")
+
+
+def test_training_time_adversaries_stay_in_their_own_eps_ball(fmnist_samples):
+    import torch
+
+    images, _ = fmnist_samples
+    model = tiny_classifier(1)
+    x = torch.from_numpy(images.transpose(0, 3, 1, 2)).float()
+    eps = attacks.sample_eps(len(x), torch.Generator().manual_seed(0))
+    assert eps.min() >= 0 and eps.max() <= 16
+    for iterative in (False, True):
+        adv = attacks.adversarial_batch(model, x, eps, iterative)
+        d = (adv - x).abs().flatten(1).max(1).values
+        assert torch.all(d <= eps.ceil() + 1e-6) and adv.min() >= 0 and adv.max() <= 255
+        assert torch.equal(adv, adv.round())

@@ -1,0 +1,52 @@
+import numpy as np
+import pytest
+import torch
+
+from pdray import purify
+from conftest import tiny_pixelcnn
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_fast_equals_reference_in_float64(channels, fmnist_samples, cifar_samples):
+    images = (fmnist_samples if channels == 1 else cifar_samples)[0][:4, 4:14, 5:13]
+    x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).long()
+    eps = torch.tensor([16, 4, 0, 255])
+    model = tiny_pixelcnn(channels, filters=16, blocks=3).double()
+    ref = purify.reference_batch(model, x, eps)
+    fast = purify.fast_batch(model, x, eps)
+    assert torch.equal(ref, fast)
+    assert (ref != x).float().mean() > 0.3  # the test is not vacuous
+    assert torch.equal(ref[2], x[2])  # eps 0 leaves an image as it is
+    moved = (ref - x).abs().amax(dim=(1, 2, 3)).tolist()
+    assert moved[0] <= 16 and moved[1] <= 4 and moved[3] > 16  # each inside its own ball
+
+
+def test_fast_float32_agrees_with_reference(cifar_samples):
+    images = cifar_samples[0][:6, :12, :12]
+    x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).long()
+    eps = torch.full((6,), 16)
+    model = tiny_pixelcnn(3, filters=16, blocks=3)
+    ref = purify.reference_batch(model.double(), x, eps)
+    fast = purify.fast_batch(model.float(), x, eps)
+    agreement = (ref == fast).float().mean().item()
+    print(f"float32 agreement {agreement:.5f} over {ref.numel()} sub-pixels")
+    assert agreement >= 0.999
+
+
+def test_reference_steps_touch_only_the_first_subpixels(fmnist_samples):
+    x = torch.from_numpy(fmnist_samples[0][:2, :6, :6].transpose(0, 3, 1, 2).copy()).long()
+    model = tiny_pixelcnn(1)
+    out = purify.reference_batch(model, x, torch.full((2,), 255), steps=5)
+    changed = (out != x).view(2, -1)
+    assert not changed[:, 5:].any() and changed[:, :5].any()
+
+
+def test_feature_squeeze_levels_and_median():
+    flat = np.full((1, 4, 4, 1), 100, dtype=np.uint8)
+    out = purify.feature_squeeze(flat)
+    assert np.all(out == out[0, 0, 0, 0]) and abs(int(out[0, 0, 0, 0]) - 100) <= 4
+    levels = np.unique(purify.feature_squeeze(np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1)))
+    assert len(levels) <= 63  # 32 levels, plus midpoints of the 2x2 median
+    spike = np.zeros((1, 4, 4, 1), dtype=np.uint8)
+    spike[0, 1, 1] = 255
+    assert purify.feature_squeeze(spike).max() == 0  # a lone outlier is filtered out
