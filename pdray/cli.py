@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import textwrap
 from pathlib import Path
@@ -19,7 +20,9 @@ models_app = typer.Typer(no_args_is_help=True, help="Shipped models.")
 train_app = typer.Typer(no_args_is_help=True, help="Train models on Ray Train.")
 app.add_typer(data_app, name="data")
 app.add_typer(models_app, name="models")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (ratios in one run).")
 app.add_typer(train_app, name="train")
+app.add_typer(bench_app, name="bench")
 
 DataDir = typer.Option(None, "--data-dir", help="Folder holding the dataset (else PDRAY_DATA_DIR, the cache, Debian's copy, a download).")
 
@@ -63,6 +66,90 @@ def models_evaluate(name: str, n_images: int = typer.Option(1000, "--n-images"),
     emit(evaluate.model_metric(name, n_images, data_dir), as_json)
 
 
+@models_app.command("likelihoods")
+def models_likelihoods(name: str, data_dir: Optional[Path] = DataDir):
+    """Score the training split with a shipped PixelCNN and store it beside the weights
+    (what p-values rank against)."""
+    from pdray import detect
+
+    print(detect.store_train_log_likelihoods(name, data_dir))
+
+
+@app.command("detect")
+def detect_cmd(dataset: str = typer.Option(..., "--dataset"),
+               attack: str = typer.Option(..., "--attack", help="rand, fgsm, bim, deepfool or cw"),
+               eps_attack: int = typer.Option(8, "--eps-attack"),
+               n_images: int = typer.Option(500, "--n-images"),
+               data_dir: Optional[Path] = DataDir,
+               as_json: bool = typer.Option(False, "--json")):
+    """Claim 1: attack the first N test images and detect them by PixelCNN likelihood."""
+    from pdray import detect
+
+    emit(detect.detect(dataset, attack, eps_attack, n_images, data_dir), as_json)
+
+
+@app.command("purify")
+def purify_cmd(input: Path = typer.Option(..., "--input", help="uint8 NHWC .npy file"),
+               output: Path = typer.Option(..., "--output", help="where to write the result"),
+               model: Optional[str] = typer.Option(
+                   None, "--model", help="Shipped PixelCNN (default: by channel count)."),
+               eps_defend: int = typer.Option(16, "--eps-defend"),
+               adaptive: bool = typer.Option(False, "--adaptive",
+                                             help="Skip images below the model's bpd threshold."),
+               batch_size: int = typer.Option(64, "--batch-size"),
+               method: str = typer.Option("fast", "--method", help="fast or reference")):
+    """Purify your own images with PixelDefend (Algorithm 1)."""
+    import numpy as np
+    from rich.progress import Progress
+
+    from pdray import purify, zoo
+    from pdray.cluster import torch_device
+    from pdray.evaluate import bits_per_dim
+    from pdray.files import save_npy
+
+    if not output.parent.is_dir() or not os.access(output.parent, os.W_OK):
+        raise PdrayError(f"Cannot write {output}: {output.parent} is not a writable folder.")
+    try:
+        images = np.load(input, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise PdrayError(f"Cannot read {input} as a .npy array ({e}).") from None
+    purify.check_images(images)
+    purify.eps_per_image(eps_defend, 1)
+    if method not in ("fast", "reference"):
+        raise PdrayError(f"Unknown method {method!r}: choose fast or reference.")
+    name = model or {1: "fmnist-pixelcnn", 3: "cifar10-pixelcnn"}.get(images.shape[-1])
+    if name is None:
+        raise PdrayError(f"No shipped PixelCNN takes {images.shape[-1]}-channel images.")
+    pixelcnn, _ = zoo.load(name, torch_device())
+    eps = eps_defend
+    if adaptive:
+        threshold = zoo.adaptive_threshold(name)
+        eps = purify.adaptive_eps(bits_per_dim(pixelcnn, images), threshold["bpd"], eps_defend)
+    with Progress(transient=True, disable=len(images) <= batch_size) as bar:
+        task = bar.add_task("purifying", total=len(images))
+        out = purify.pixeldefend(pixelcnn, images, eps, method=method, batch_size=batch_size,
+                                 on_batch=lambda n: bar.advance(task, n))
+    save_npy(output, out)
+    print(f"purified {len(images)} images with {name} (eps_defend {eps_defend}"
+          f"{', adaptive' if adaptive else ''}) -> {output}", file=sys.stderr)
+
+
+@bench_app.command("purify")
+def bench_purify(dataset: str = typer.Option(..., "--dataset"),
+                 n_images: int = typer.Option(64, "--n-images"),
+                 batch_size: int = typer.Option(64, "--batch-size"),
+                 eps_defend: int = typer.Option(16, "--eps-defend"),
+                 reference_steps: int = typer.Option(32, "--reference-steps"),
+                 agreement_images: int = typer.Option(2, "--agreement-images"),
+                 data_dir: Optional[Path] = DataDir,
+                 as_json: bool = typer.Option(False, "--json")):
+    """Reference vs fast purifier on the same shipped model, images and batch."""
+    from pdray import bench
+
+    emit(bench.bench_purify(dataset, n_images, batch_size, eps_defend, reference_steps,
+                            agreement_images, data_dir), as_json)
+
+
 @train_app.command("classifier")
 def train_classifier(
         dataset: str = typer.Option("fmnist", "--dataset"),
@@ -101,7 +188,9 @@ def train_pixelcnn(
         dataset: str = typer.Option("fmnist", "--dataset"),
         filters: int = typer.Option(64, "--filters"),
         blocks: int = typer.Option(6, "--blocks"),
-        dropout: float = typer.Option(0.1, "--dropout"),
+        dropout: float = typer.Option(0.0, "--dropout"),
+        compile: bool = typer.Option(True, "--compile/--no-compile",
+                                     help="torch.compile the training forward."),
         steps: int = typer.Option(6000, "--steps", help="Total steps; raise and rerun to go on."),
         batch_size: int = typer.Option(64, "--batch-size"),
         lr: float = typer.Option(1e-3, "--lr"),
@@ -119,6 +208,7 @@ def train_pixelcnn(
     from pdray import train
 
     cfg = train.PixelCNNConfig(dataset=dataset, filters=filters, blocks=blocks, dropout=dropout,
+                               compile=compile,
                                steps=steps, batch_size=batch_size, lr=lr,
                                report_every=report_every, eval_images=eval_images,
                                data_dir=str(data_dir) if data_dir else None,

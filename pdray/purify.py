@@ -170,3 +170,51 @@ def fast_batch(model: PixelCNN, x: torch.Tensor, eps: torch.Tensor) -> torch.Ten
             left.put(j, enc(xs[:, :, i, j]))
         x_rows = [x_rows[1], enc(xs[:, :, i])]
     return xs
+
+
+# ---- the public entry point ----------------------------------------------------------------
+
+def check_images(images: np.ndarray, channels: int | None = None) -> np.ndarray:
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4:
+        got = f"{images.dtype} array of shape {images.shape}" if isinstance(images, np.ndarray) \
+            else type(images).__name__
+        raise PdrayError(f"Images must be a uint8 array shaped (N, H, W, C); got {got}.")
+    if channels is not None and images.shape[-1] != channels:
+        raise PdrayError(f"The model expects {channels}-channel images; these have "
+                         f"{images.shape[-1]} channels (shape {images.shape}).")
+    return images
+
+
+def eps_per_image(eps_defend, n: int) -> np.ndarray:
+    eps = np.broadcast_to(np.asarray(eps_defend), (n,))
+    if not np.all((eps >= 0) & (eps <= 255)) or not np.all(np.equal(np.mod(eps, 1), 0)):
+        raise PdrayError(f"eps_defend must be whole pixel levels in 0..255; got {eps_defend}.")
+    return eps.astype(np.int64)
+
+
+def pixeldefend(model: PixelCNN, images: np.ndarray, eps_defend, *,
+                method: str | Method = Method.FAST, batch_size: int = 64,
+                on_batch: Callable[[int], None] | None = None) -> np.ndarray:
+    """Purify uint8 NHWC ``images`` with Algorithm 1; ``eps_defend`` is one value or one
+    per image. ``on_batch(n)`` is called after each batch of n images (progress bars)."""
+    check_images(images, model.config.channels)
+    eps = eps_per_image(eps_defend, len(images))
+    run = fast_batch if Method(method) is Method.FAST else reference_batch
+    device = next(model.parameters()).device
+    out = images.copy()
+    for start in range(0, len(images), batch_size):
+        stop = min(start + batch_size, len(images))
+        todo = np.nonzero(eps[start:stop] > 0)[0] + start  # eps 0: nothing to decide
+        if len(todo):
+            x = torch.from_numpy(images[todo].transpose(0, 3, 1, 2).copy()).long().to(device)
+            xs = run(model, x, torch.from_numpy(eps[todo]).to(device))
+            out[todo] = xs.cpu().numpy().transpose(0, 2, 3, 1).astype(np.uint8)
+        if on_batch:
+            on_batch(stop - start)
+    return out
+
+
+def adaptive_eps(bpd: np.ndarray, threshold: float, eps_defend: int) -> np.ndarray:
+    """Adaptive PixelDefend (Section 4.1): leave images below the bits/dim threshold
+    alone, purify the rest with the fixed eps_defend."""
+    return np.where(np.asarray(bpd) < threshold, 0, eps_defend).astype(np.int64)

@@ -266,7 +266,8 @@ class PixelCNNConfig:
     dataset: str = "fmnist"
     filters: int = 64
     blocks: int = 6
-    dropout: float = 0.1
+    dropout: float = 0.0           # CPU-scale runs underfit; PixelCNN++ used 0.5 over 1000s of epochs
+    compile: bool = True           # torch.compile the training forward: ~1.5x faster on CPU
     steps: int = 6000              # total optimiser steps; raise it and rerun to train on
     batch_size: int = 64           # global; split across workers
     lr: float = 1e-3               # Adam, decayed by lr_decay per step (PixelCNN++)
@@ -322,6 +323,7 @@ def pixelcnn_loop(config: dict) -> None:
         step, wall = state["step"], state["wall_time_s"]
     model = ray.train.torch.prepare_model(model)
     core = unwrap(model)
+    forward = torch.compile(model) if cfg.compile else model
     train_x = d.fit.images
     per_epoch = len(train_x) // cfg.batch_size
     t0 = time.time()
@@ -335,7 +337,7 @@ def pixelcnn_loop(config: dict) -> None:
             x = torch.from_numpy(train_x[idx].transpose(0, 3, 1, 2).copy()).to(device)
             for g in opt.param_groups:
                 g["lr"] = cfg.lr * cfg.lr_decay ** step
-            loss = pixelcnn.bpd(model(x), x).mean()  # through forward, so DDP syncs
+            loss = pixelcnn.bpd(forward(x), x).mean()  # through forward, so DDP syncs
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -369,4 +371,9 @@ def pixelcnn_loop(config: dict) -> None:
 def train_pixelcnn(cfg: PixelCNNConfig, scaling: Scaling, ship: bool = False) -> dict:
     data.parse_dataset(cfg.dataset)
     result = fit(pixelcnn_loop, asdict(cfg), cfg.name, scaling)
-    return finish(result, cfg.name, ship)
+    out = finish(result, cfg.name, ship)
+    if ship:  # p-values rank against these; computing them is a one-off per checkpoint
+        from pdray import detect
+
+        detect.store_train_log_likelihoods(cfg.name, cfg.data_dir)
+    return out

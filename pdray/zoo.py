@@ -8,41 +8,18 @@ metrics and sha256, and is what ``pdray models list`` prints.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from pdray.errors import PdrayError
+from pdray.files import atomic_write, sha256
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 MANIFEST = WEIGHTS_DIR / "manifest.json"
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def atomic_write(path: Path, write) -> None:
-    """Write through ``write(tmp_path)`` into a temporary file beside ``path``, then
-    rename it into place, so readers never see a half-written file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def manifest() -> list[dict]:
@@ -128,7 +105,26 @@ def export(ckpt: dict, name: str, epochs: int, wall_time_s: float) -> dict:
            **({"train_config": ckpt["train_config"]} if "train_config" in ckpt else {}),
            "sha256": sha256(path),
            "file": path.name}
-    entries = [e for e in manifest() if e["name"] != name] + [new]
+    _write_manifest([e for e in manifest() if e["name"] != name] + [new])
+    return new
+
+
+def update_entry(name: str, **fields) -> dict:
+    """Add fields (such as a companion file and its sha256) to a manifest entry."""
+    e = {**entry(name), **fields}
+    _write_manifest([x for x in manifest() if x["name"] != name] + [e])
+    return e
+
+
+def _write_manifest(entries: list[dict]) -> None:
     entries.sort(key=lambda e: (e["kind"], e["dataset"], e["name"]))
     atomic_write(MANIFEST, lambda tmp: tmp.write_text(json.dumps(entries, indent=2) + "\n"))
-    return new
+
+
+def adaptive_threshold(name: str) -> dict:
+    """The adaptive PixelDefend threshold chosen for a shipped PixelCNN (pdray.adaptive)."""
+    e = entry(name)
+    if "adaptive_threshold" not in e:
+        raise PdrayError(f"{name} has no adaptive threshold yet; choose one on validation "
+                         f"data with `pdray adaptive-threshold --dataset {e['dataset']}`.")
+    return e["adaptive_threshold"]

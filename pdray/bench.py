@@ -1,0 +1,76 @@
+"""Benchmarks: ratios measured in one process on the same model, images and batch.
+
+``purify``: the reference (Algorithm 1, one full pass per sub-pixel) against the fast
+incremental purifier. A full reference run costs 3072 full passes per CIFAR-10 batch, so
+it is timed on its first ``reference_steps`` sub-pixels and extrapolated: every step is
+the same full forward pass, so its cost per step is constant. Agreement comes from full
+runs of both on ``agreement_images`` images.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+
+import numpy as np
+import torch
+
+from pdray import data, purify, zoo
+from pdray.cluster import torch_device
+from pdray.errors import PdrayError
+from pdray.evaluate import bits_per_dim, to_tensor
+
+
+def _timed(fn):
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    out = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - t
+
+
+def peak_mem_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def bench_purify(dataset: str, n_images: int = 64, batch_size: int = 64, eps_defend: int = 16,
+                 reference_steps: int = 32, agreement_images: int = 2, data_dir=None,
+                 model_name: str | None = None) -> dict:
+    ds = data.parse_dataset(dataset)
+    if n_images < 1 or batch_size < 1 or reference_steps < 1 or agreement_images < 0:
+        raise PdrayError("n-images, batch-size and reference-steps must be at least 1.")
+    model_name = model_name or f"{ds.value}-pixelcnn"
+    device = torch_device()
+    model, _ = zoo.load(model_name, device)
+    images = data.load(ds, data_dir).test.images[:n_images]
+    h, w, c = images.shape[1:]
+    subpixels = h * w * c
+    batch = images[:batch_size]
+    x, eps = to_tensor(batch, device), torch.full((len(batch),), eps_defend, device=device)
+    with torch.inference_mode():
+        model(x)  # warm-up
+        _, forward_s = _timed(lambda: model(x))
+    fast_out, fast_s = _timed(lambda: purify.pixeldefend(model, images, eps_defend,
+                                                         batch_size=batch_size))
+    _, ref_part_s = _timed(lambda: purify.reference_batch(model, x, eps, steps=reference_steps))
+    batches = -(-len(images) // batch_size)
+    reference_s = ref_part_s / reference_steps * subpixels * batches
+    sub = images[:agreement_images]
+    agree = (purify.pixeldefend(model, sub, eps_defend, method="reference") ==
+             purify.pixeldefend(model, sub, eps_defend, method="fast"))
+    return {
+        "dataset": ds.value, "model": model_name, "device": str(device),
+        "images": len(images), "batch_size": batch_size, "eps_defend": eps_defend,
+        "fast_s": round(fast_s, 3), "reference_s": round(reference_s, 1),
+        "reference_extrapolated": True, "reference_steps_timed": reference_steps,
+        "subpixels_per_image": subpixels, "speedup": round(reference_s / fast_s, 1),
+        "agreement": float(agree.mean()) if agree.size else None,
+        "agreement_subpixels": int(agree.size),
+        "forward_s": round(forward_s, 4), "forward_equivalents": round(fast_s / forward_s / batches, 2),
+        "bpd_input": float(bits_per_dim(model, images).mean()),
+        "bpd_fast": float(bits_per_dim(model, fast_out).mean()),
+        "peak_mem_mb": round(peak_mem_mb(), 1),
+        "torch_threads": torch.get_num_threads(),
+    }
