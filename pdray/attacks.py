@@ -85,63 +85,81 @@ def _to_unit(model: nn.Module, images: np.ndarray, labels: np.ndarray):
 
 
 def _foolbox(attack: fb.Attack, model: nn.Module, images: np.ndarray, labels: np.ndarray,
-             eps_attack: int, minimal: bool) -> np.ndarray:
+             eps: float | None) -> np.ndarray:
+    """Float 0..255 NHWC adversarial images; eps None runs a minimisation attack unbounded."""
     model.eval()
     fmodel = fb.PyTorchModel(_UnitScale(model).eval(), bounds=(0, 1), device=_device(model))
     x, y = _to_unit(model, images, labels)
-    # A minimisation attack runs unbounded; its result is clipped below (Appendix A).
-    raw, _, _ = attack(fmodel, x, y, epsilons=None if minimal else eps_attack / 255.0)
-    adv = raw.detach().cpu().numpy().transpose(0, 2, 3, 1) * 255.0
-    return project(images, adv, eps_attack)
+    raw, _, _ = attack(fmodel, x, y, epsilons=None if eps is None else eps / 255.0)
+    return raw.detach().cpu().numpy().transpose(0, 2, 3, 1) * 255.0
 
 
-def rand(model, images, labels, eps_attack, *, seed=0, **_) -> np.ndarray:
-    """X + U{-eps, ..., eps} per sub-pixel, clipped to valid pixels."""
-    rng = np.random.default_rng(seed)
-    noise = rng.integers(-eps_attack, eps_attack, size=images.shape, endpoint=True)
-    return project(images, images.astype(np.int16) + noise, eps_attack)
+def rand(model, images, labels, eps_list, *, seed=0, image_ids=None, **_) -> list[np.ndarray]:
+    """X + U{-eps, ..., eps} per sub-pixel, clipped to valid pixels. With ``image_ids``
+    each image's noise depends only on (seed, image id, eps), not on its batch."""
+    out = []
+    for eps in eps_list:
+        if image_ids is None:
+            noise = np.random.default_rng([seed, eps]).integers(
+                -eps, eps, size=images.shape, endpoint=True)
+        else:
+            noise = np.stack([np.random.default_rng([seed, int(i), eps]).integers(
+                -eps, eps, size=images.shape[1:], endpoint=True) for i in image_ids])
+        out.append(project(images, images.astype(np.int16) + noise, eps))
+    return out
 
 
-def fgsm(model, images, labels, eps_attack, **_) -> np.ndarray:
-    return _foolbox(fb.attacks.LinfFastGradientAttack(random_start=False),
-                    model, images, labels, eps_attack, minimal=False)
+def fgsm(model, images, labels, eps_list, **_) -> list[np.ndarray]:
+    attack = fb.attacks.LinfFastGradientAttack(random_start=False)
+    return [project(images, _foolbox(attack, model, images, labels, e), e) for e in eps_list]
 
 
-def bim(model, images, labels, eps_attack, **_) -> np.ndarray:
-    attack = fb.attacks.LinfBasicIterativeAttack(
-        abs_stepsize=1 / 255.0, steps=bim_steps(eps_attack), random_start=False)
-    return _foolbox(attack, model, images, labels, eps_attack, minimal=False)
+def bim(model, images, labels, eps_list, **_) -> list[np.ndarray]:
+    return [project(images, _foolbox(fb.attacks.LinfBasicIterativeAttack(
+        abs_stepsize=1 / 255.0, steps=bim_steps(e), random_start=False),
+        model, images, labels, e), e) for e in eps_list]
 
 
-def deepfool(model, images, labels, eps_attack, *, deepfool_steps=50, **_) -> np.ndarray:
-    """L2 DeepFool (the original formulation), then clipped to the L-inf eps ball."""
-    return _foolbox(fb.attacks.L2DeepFoolAttack(steps=deepfool_steps, candidates=10),
-                    model, images, labels, eps_attack, minimal=True)
+def deepfool(model, images, labels, eps_list, *, deepfool_steps=50, **_) -> list[np.ndarray]:
+    """L2 DeepFool (the original formulation), run once, then clipped to each L-inf ball."""
+    raw = _foolbox(fb.attacks.L2DeepFoolAttack(steps=deepfool_steps, candidates=10),
+                   model, images, labels, None)
+    return [project(images, raw, e) for e in eps_list]
 
 
-def cw(model, images, labels, eps_attack, *, cw_steps=100, cw_binary_search_steps=5,
-       **_) -> np.ndarray:
-    """L2 Carlini-Wagner, then clipped to the L-inf eps ball. Fewer steps than the CW
-    paper's 10,000 x 9: the clip to a small eps ball makes long optimisation moot."""
+def cw(model, images, labels, eps_list, *, cw_steps=100, cw_binary_search_steps=5,
+       **_) -> list[np.ndarray]:
+    """L2 Carlini-Wagner, run once, then clipped to each L-inf ball. Fewer steps than the
+    CW paper's 10,000 x 9: the clip to a small eps ball makes long optimisation moot."""
     attack = fb.attacks.L2CarliniWagnerAttack(
         binary_search_steps=cw_binary_search_steps, steps=cw_steps, stepsize=0.01,
         initial_const=1e-2)
-    return _foolbox(attack, model, images, labels, eps_attack, minimal=True)
+    raw = _foolbox(attack, model, images, labels, None)
+    return [project(images, raw, e) for e in eps_list]
 
 
 ATTACKS = {Attack.RAND: rand, Attack.FGSM: fgsm, Attack.BIM: bim,
            Attack.DEEPFOOL: deepfool, Attack.CW: cw}
 
 
-def attack(name: str | Attack, model: nn.Module, images: np.ndarray, labels: np.ndarray,
-           eps_attack: int, **options) -> np.ndarray:
-    """Run one attack on a uint8 NHWC batch; the result is uint8 in the eps_attack ball."""
-    name, eps_attack = parse_attack(name), check_eps(eps_attack)
+def attack_many(name: str | Attack, model: nn.Module, images: np.ndarray, labels: np.ndarray,
+                eps_list: list[int], **options) -> list[np.ndarray]:
+    """One attack at several eps_attack on a uint8 NHWC batch; each result is uint8 inside
+    its eps ball. Minimisation attacks run once and are clipped to each eps."""
+    name = parse_attack(name)
+    eps_list = [check_eps(e) for e in eps_list]
     if images.dtype != np.uint8 or images.ndim != 4:
         raise PdrayError(f"Images must be uint8 NHWC; got {images.dtype} {images.shape}.")
-    if eps_attack == 0 or len(images) == 0:
-        return images.copy()
-    return ATTACKS[name](model, images, labels, eps_attack, **options)
+    todo = sorted({e for e in eps_list if e > 0})
+    done = dict(zip(todo, ATTACKS[name](model, images, labels, todo, **options))) \
+        if todo and len(images) else {}
+    return [done.get(e, images.copy()) for e in eps_list]
+
+
+def attack(name: str | Attack, model: nn.Module, images: np.ndarray, labels: np.ndarray,
+           eps_attack: int, **options) -> np.ndarray:
+    """Run one attack at one eps_attack on a uint8 NHWC batch."""
+    return attack_many(name, model, images, labels, [eps_attack], **options)[0]
 
 
 # ---- training-time adversarial examples (Appendix C) --------------------------------------

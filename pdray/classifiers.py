@@ -111,10 +111,11 @@ def parse_arch(name: str | Arch) -> Arch:
 
 
 def build(arch: str | Arch, shape: tuple[int, int, int], mean: list[float],
-          std: list[float]) -> nn.Module:
-    """A classifier for images of ``shape`` (H, W, C) whose pixels have these channel stats."""
+          std: list[float], **options) -> nn.Module:
+    """A classifier for images of ``shape`` (H, W, C) whose pixels have these channel
+    stats; ``options`` shrink the network for tests (ResNet ``units``)."""
     arch = parse_arch(arch)
     h, _, c = shape
     if arch is Arch.RESNET:
-        return ResNet(c, mean, std)
-    return VGG(c, mean, std, image_size=h)
+        return ResNet(c, mean, std, **options)
+    return VGG(c, mean, std, image_size=h, **options)

@@ -150,6 +150,61 @@ def bench_purify(dataset: str = typer.Option(..., "--dataset"),
                             agreement_images, data_dir), as_json)
 
 
+def _list(value: Optional[str], cast=str):
+    return [cast(v.strip()) for v in value.split(",") if v.strip()] if value else None
+
+
+@app.command("eval")
+def eval_cmd(dataset: str = typer.Option("fmnist", "--dataset"),
+             data_dir: Optional[Path] = DataDir,
+             n_images: int = typer.Option(64, "--n-images"),
+             shards: int = typer.Option(4, "--shards"),
+             attacks: str = typer.Option("rand,fgsm,bim,deepfool,cw", "--attacks"),
+             eps_attack: Optional[str] = typer.Option(
+                 None, "--eps-attack", help="Comma list; default: the paper's for the dataset."),
+             eps_defend: Optional[int] = typer.Option(None, "--eps-defend"),
+             classifiers: Optional[str] = typer.Option(
+                 None, "--classifiers", help="Shipped classifier names; default: the normal ResNet."),
+             pixelcnn: Optional[str] = typer.Option(None, "--pixelcnn"),
+             defenses: str = typer.Option("none,squeeze,pixeldefend,adaptive", "--defenses"),
+             adaptive_threshold: Optional[float] = typer.Option(None, "--adaptive-threshold"),
+             seed: int = typer.Option(0, "--seed"),
+             save_images: int = typer.Option(8, "--save-images"),
+             cw_steps: int = typer.Option(50, "--cw-steps"),
+             out: Path = typer.Option(Path("out"), "--out"),
+             shard: Optional[int] = typer.Option(None, "--shard", help="Rerun only this shard."),
+             resume: bool = typer.Option(False, "--resume", help="Skip completed shards."),
+             num_attackers: int = typer.Option(1, "--num-attackers"),
+             num_purifiers: Optional[int] = typer.Option(None, "--num-purifiers"),
+             gpus: str = typer.Option("auto", "--gpus",
+                                      help="auto: one GPU per purifier if the cluster has GPUs; 0: CPU."),
+             report: bool = typer.Option(True, "--report/--no-report")):
+    """The full evaluation on Ray: attacks, detection, defenses, Parquet per shard."""
+    from pdray import pipeline
+
+    cfg = pipeline.EvalConfig(
+        dataset=dataset, n_images=n_images, shards=shards, attacks=_list(attacks),
+        eps_attack=_list(eps_attack, float), eps_defend=eps_defend,
+        classifiers=_list(classifiers), pixelcnn=pixelcnn, defenses=_list(defenses),
+        adaptive_threshold=adaptive_threshold, seed=seed, save_images=save_images,
+        cw_steps=cw_steps)
+    opts = pipeline.RunOptions(out=str(out), data_dir=str(data_dir) if data_dir else None,
+                               shard=shard, resume=resume, num_attackers=num_attackers,
+                               num_purifiers=num_purifiers, gpus=gpus, report=report)
+    out = pipeline.run(cfg, opts)
+    if report:
+        report_cmd(out)
+
+
+@app.command("report")
+def report_cmd(out: Path = typer.Argument(..., help="A results folder from `pdray eval`.")):
+    """Table 1, p-value histograms, ROC curves and samples from the Parquet results."""
+    from pdray import report
+
+    print(report.report(out))
+    print(f"report: {out / 'report' / 'report.md'}", file=sys.stderr)
+
+
 @train_app.command("classifier")
 def train_classifier(
         dataset: str = typer.Option("fmnist", "--dataset"),

@@ -29,7 +29,7 @@ def log_likelihoods(model, images: np.ndarray, batch_size: int = 100) -> np.ndar
 
 
 def train_logp_path(name: str) -> Path:
-    return zoo.WEIGHTS_DIR / f"{name}.train_logp.npy"
+    return zoo.weights_dir() / f"{name}.train_logp.npy"
 
 
 def store_train_log_likelihoods(name: str, data_dir=None) -> Path:
@@ -50,7 +50,7 @@ def train_log_likelihoods(name: str) -> np.ndarray:
     if "train_logp_file" not in e:
         raise PdrayError(f"{name} has no stored training-set likelihoods; run "
                          f"`pdray models likelihoods {name}` once.")
-    path = zoo.WEIGHTS_DIR / e["train_logp_file"]
+    path = zoo.weights_dir() / e["train_logp_file"]
     if not path.is_file() or sha256(path) != e["train_logp_sha256"]:
         raise PdrayError(f"{path} is missing or does not match its manifest sha256; "
                          f"recompute it with `pdray models likelihoods {name}`.")

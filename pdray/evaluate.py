@@ -15,7 +15,7 @@ from pdray.errors import PdrayError
 def to_tensor(images: np.ndarray, device) -> torch.Tensor:
     """uint8 NHWC -> int64 NCHW on ``device`` (the PixelCNN's input; the classifiers
     take it as float)."""
-    return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).long().to(device)
+    return torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).long().to(device)
 
 
 @torch.inference_mode()

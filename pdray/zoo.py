@@ -18,14 +18,23 @@ import torch.nn as nn
 from pdray.errors import PdrayError
 from pdray.files import atomic_write, sha256
 
-WEIGHTS_DIR = Path(__file__).parent / "weights"
-MANIFEST = WEIGHTS_DIR / "manifest.json"
+PACKAGE_WEIGHTS = Path(__file__).parent / "weights"
+
+
+def weights_dir() -> Path:
+    """The shipped weights, or PDRAY_WEIGHTS_DIR's (tests, private model zoos). Read at
+    each call, so Ray actors see what the driver's environment says."""
+    return Path(os.environ.get("PDRAY_WEIGHTS_DIR") or PACKAGE_WEIGHTS)
 
 
 def manifest() -> list[dict]:
-    if not MANIFEST.exists():
+    path = weights_dir() / "manifest.json"
+    if not path.exists():
         return []
-    return json.loads(MANIFEST.read_text())
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        raise PdrayError(f"{path} is not valid JSON; restore it from git.") from None
 
 
 def entry(name: str) -> dict:
@@ -63,7 +72,8 @@ def build(ckpt: dict) -> nn.Module:
 
     if ckpt["kind"] == "classifier":
         shape = data.SHAPE[data.Dataset(ckpt["dataset"])]
-        model = classifiers.build(ckpt["arch"], shape, [0.0] * shape[2], [1.0] * shape[2])
+        model = classifiers.build(ckpt["arch"], shape, [0.0] * shape[2], [1.0] * shape[2],
+                                  **ckpt.get("arch_options", {}))
     elif ckpt["kind"] == "pixelcnn":
         from pdray import pixelcnn
 
@@ -80,7 +90,7 @@ def build(ckpt: dict) -> nn.Module:
 
 def path_of(name: str) -> Path:
     """The weights file of a shipped model (what pipeline actors load by path)."""
-    return WEIGHTS_DIR / entry(name)["file"]
+    return weights_dir() / entry(name)["file"]
 
 
 def load(name_or_path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
@@ -90,14 +100,14 @@ def load(name_or_path: str | Path, device: torch.device | str = "cpu") -> tuple[
         ckpt = load_checkpoint(p)
     else:
         e = entry(str(name_or_path))
-        ckpt = load_checkpoint(WEIGHTS_DIR / e["file"], e["sha256"])
+        ckpt = load_checkpoint(weights_dir() / e["file"], e["sha256"])
     return build(ckpt).to(device), ckpt
 
 
 def export(ckpt: dict, name: str, epochs: int, wall_time_s: float) -> dict:
     """Ship a trained model: write weights/<name>.pt and its manifest entry, atomically."""
-    WEIGHTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = WEIGHTS_DIR / f"{name}.pt"
+    weights_dir().mkdir(parents=True, exist_ok=True)
+    path = weights_dir() / f"{name}.pt"
     atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
     new = {"name": name, "dataset": ckpt["dataset"], "kind": ckpt["kind"], "arch": ckpt["arch"],
            "recipe": ckpt.get("recipe"), "epochs": epochs, "wall_time_s": round(wall_time_s, 1),
@@ -118,7 +128,7 @@ def update_entry(name: str, **fields) -> dict:
 
 def _write_manifest(entries: list[dict]) -> None:
     entries.sort(key=lambda e: (e["kind"], e["dataset"], e["name"]))
-    atomic_write(MANIFEST, lambda tmp: tmp.write_text(json.dumps(entries, indent=2) + "\n"))
+    atomic_write(weights_dir() / "manifest.json", lambda tmp: tmp.write_text(json.dumps(entries, indent=2) + "\n"))
 
 
 def adaptive_threshold(name: str) -> dict:

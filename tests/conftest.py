@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 from pathlib import Path
 
 import foolbox
@@ -20,6 +21,34 @@ os.environ["PDRAY_OFFLINE"] = "1"
 os.environ["PDRAY_DATA_DIR"] = str(SHARED_CIFAR)
 os.environ["RAY_AUTH_MODE"] = "disabled"
 torch.set_num_threads(2)
+
+
+def _tiny_zoo(folder: Path) -> Path:
+    """A model zoo of tiny random models, exported the way shipped ones are; Ray actors
+    find it through PDRAY_WEIGHTS_DIR, which must be set before Ray starts."""
+    from pdray import data, detect, zoo
+    from pdray.files import save_npy, sha256
+
+    os.environ["PDRAY_WEIGHTS_DIR"] = str(folder)
+    for dataset, channels in (("fmnist", 1), ("cifar10", 3)):
+        for recipe, seed in (("normal", 0), ("adv-fgsm", 1)):
+            model = tiny_classifier(channels, seed)
+            zoo.export({"kind": "classifier", "dataset": dataset, "arch": "resnet",
+                        "recipe": recipe, "arch_options": {"units": 1}, "config": {},
+                        "metrics": {}, "state_dict": model.state_dict()},
+                       f"{dataset}-resnet-{recipe}", epochs=0, wall_time_s=0.0)
+        pcnn = tiny_pixelcnn(channels)
+        zoo.export({"kind": "pixelcnn", "dataset": dataset, "arch": "pixelcnn", "recipe": None,
+                    "config": vars(pcnn.config), "metrics": {}, "state_dict": pcnn.state_dict()},
+                   f"{dataset}-pixelcnn", epochs=0, wall_time_s=0.0)
+        # A stand-in for the training-set likelihoods: 500 training images, not 60,000.
+        images = data.load(dataset).train.images[:500]
+        path = detect.train_logp_path(f"{dataset}-pixelcnn")
+        save_npy(path, detect.log_likelihoods(pcnn, images))
+        zoo.update_entry(f"{dataset}-pixelcnn", train_logp_file=path.name,
+                         train_logp_sha256=sha256(path),
+                         adaptive_threshold={"bpd": 7.0, "note": "tiny test model"})
+    return folder
 
 
 def foolbox_samples(name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -63,6 +92,12 @@ def tiny_pixelcnn(channels: int, seed: int = 0, filters: int = 8, blocks: int = 
 
 
 @pytest.fixture(scope="session")
+def tiny_zoo():
+    """The folder of the tiny model zoo every test process and Ray actor uses."""
+    return Path(os.environ["PDRAY_WEIGHTS_DIR"])
+
+
+@pytest.fixture(scope="session")
 def ray_local():
     import ray
 
@@ -70,3 +105,6 @@ def ray_local():
              object_store_memory=300 * 1024 * 1024)
     yield ray
     ray.shutdown()
+
+
+_tiny_zoo(Path(tempfile.mkdtemp(prefix="pdray-test-zoo-")))

@@ -89,3 +89,14 @@ def test_training_time_adversaries_stay_in_their_own_eps_ball(fmnist_samples):
         d = (adv - x).abs().flatten(1).max(1).values
         assert torch.all(d <= eps.ceil() + 1e-6) and adv.min() >= 0 and adv.max() <= 255
         assert torch.equal(adv, adv.round())
+
+
+def test_attack_many_matches_single_calls(cifar_samples):
+    images, labels = cifar_samples
+    images, labels = images[:4], labels[:4]
+    model = tiny_classifier(3)
+    for name in ("rand", "fgsm", "deepfool"):
+        many = attacks.attack_many(name, model, images, labels, [2, 0, 8], seed=1)
+        assert np.array_equal(many[1], images)
+        for eps, adv in zip((2, 8), (many[0], many[2])):
+            assert np.array_equal(adv, attacks.attack(name, model, images, labels, eps, seed=1))

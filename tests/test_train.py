@@ -18,15 +18,14 @@ def test_adv_bim_trains_and_resumes(ray_local, tmp_path):
 
 
 def test_label_smoothing_and_export(ray_local, tmp_path, monkeypatch):
-    monkeypatch.setattr(zoo, "WEIGHTS_DIR", tmp_path / "weights")
-    monkeypatch.setattr(zoo, "MANIFEST", tmp_path / "weights" / "manifest.json")
+    monkeypatch.setenv("PDRAY_WEIGHTS_DIR", str(tmp_path / "weights"))
     cfg = train.ClassifierConfig(dataset="fmnist", recipe="label-smoothing", epochs=1,
                                  max_steps=2, batch_size=16, eval_images=50)
     entry = train.train_classifier(cfg, train.Scaling(runs_dir=str(tmp_path / "runs")), ship=True)
     assert entry["name"] == "fmnist-resnet-label-smoothing" and entry["recipe"] == "label-smoothing"
     model, ckpt = zoo.load(entry["name"])
     assert ckpt["arch"] == "resnet" and model(torch.zeros(1, 1, 28, 28)).shape == (1, 10)
-    assert zoo.manifest()[0]["sha256"] == sha256(zoo.WEIGHTS_DIR / entry["file"])
+    assert zoo.manifest()[0]["sha256"] == sha256(zoo.weights_dir() / entry["file"])
 
 
 def test_pixelcnn_trains_and_resumes(ray_local, tmp_path):

@@ -1,0 +1,186 @@
+"""The reducer: completed shards' Parquet -> Table 1, p-value histograms, ROC curves,
+sample images and report.md. Pandas and matplotlib only; no Ray.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pdray.errors import PdrayError
+from pdray.files import atomic_write
+
+COLUMNS = ["clean", "rand", "fgsm", "bim", "deepfool", "cw"]
+DEFENSE_NAMES = {"none": "", "squeeze": "Feature Squeezing", "pixeldefend": "PixelDefend",
+                 "adaptive": "Adaptive PixelDefend"}
+RECIPE_NAMES = {"normal": "Normal", "adv-fgsm": "Adversarial FGSM", "adv-bim": "Adversarial BIM",
+                "label-smoothing": "Label Smoothing"}
+
+
+def load_results(out: Path) -> tuple[pd.DataFrame, dict]:
+    """Rows of every shard that has its completion marker, and the run's run.json."""
+    from pdray.pipeline import MARKER
+
+    out = Path(out)
+    try:
+        run = json.loads((out / "run.json").read_text())
+    except (OSError, ValueError):
+        raise PdrayError(f"{out} has no readable run.json: it is not a pdray results folder.") from None
+    parts = sorted(p for p in (out / "results").glob("shard=*/part-0.parquet")
+                   if (p.parent / MARKER).exists())
+    if not parts:
+        raise PdrayError(f"{out} has no completed shards yet; run the evaluation first.")
+    return pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True), run
+
+
+def accuracy_long(df: pd.DataFrame) -> pd.DataFrame:
+    """Accuracy per (network, recipe, defense, attack, eps_attack), plus the paper's
+    STRONGEST (minimum over attacks per cell) and a per-image worst case."""
+    keys = ["classifier", "network", "recipe", "defense"]
+    eps_list = sorted(df.loc[df.attack != "clean", "eps_attack"].unique())
+    clean = df[df.attack == "clean"]
+    attacked = df[df.attack != "clean"]
+    rows = []
+    for k, g in attacked.groupby(keys + ["attack", "eps_attack"]):
+        rows.append((*k, g.correct.mean(), g.image_id.nunique()))
+    for k, g in clean.groupby(keys):
+        for eps in eps_list or [0]:
+            rows.append((*k, "clean", eps, g.correct.mean(), g.image_id.nunique()))
+    table = pd.DataFrame(rows, columns=keys + ["attack", "eps_attack", "accuracy", "n_images"])
+    extra = []
+    for k, g in attacked.groupby(keys + ["eps_attack"]):
+        per_attack = g.groupby("attack").correct.mean()
+        survives = g.groupby("image_id").correct.all()
+        extra.append((*k[:4], "strongest", k[4], per_attack.min(), g.image_id.nunique()))
+        extra.append((*k[:4], "worst_case", k[4], survives.mean(), len(survives)))
+    table = pd.concat([table, pd.DataFrame(extra, columns=table.columns)], ignore_index=True)
+    return table.sort_values(keys + ["attack", "eps_attack"]).reset_index(drop=True)
+
+
+def table1_markdown(long: pd.DataFrame) -> str:
+    cols = [c for c in COLUMNS if c in set(long.attack)] + ["strongest", "worst_case"]
+    eps_list = sorted(long.eps_attack.unique())
+    head = ["NETWORK", "TRAINING / DEFENSE"] + [c.upper().replace("_", " ") for c in cols]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    order = {d: i for i, d in enumerate(DEFENSE_NAMES)}
+    groups = sorted(long.groupby(["classifier", "network", "recipe", "defense"]),
+                    key=lambda kv: (order.get(kv[0][3], 9), kv[0][0]))
+    for (_, network, recipe, defense), g in groups:
+        label = RECIPE_NAMES.get(recipe, recipe) + (f" + {DEFENSE_NAMES[defense]}"
+                                                    if DEFENSE_NAMES.get(defense) else "")
+        cells = []
+        for c in cols:
+            acc = g[g.attack == c].set_index("eps_attack").accuracy
+            cells.append("/".join(f"{100 * acc[e]:02.0f}" if e in acc else "--" for e in eps_list))
+        lines.append(f"| {'ResNet' if network == 'resnet' else 'VGG'} | {label} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _images(blob: bytes, shape) -> np.ndarray:
+    return np.frombuffer(blob, dtype=np.uint8).reshape(shape)
+
+
+def figures(df: pd.DataFrame, run: dict, folder: Path) -> dict:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pdray.data import SHAPE, Dataset
+
+    shape = SHAPE[Dataset(run["config"]["dataset"])]
+    first = run["config"]["classifiers"][0]
+    # One row per distinct input image: the undefended rows of the first classifier.
+    inputs = df[(df.defense == df.defense.iloc[0]) & (df.classifier == first)]
+    groups = [("clean", 0)] + sorted({(a, e) for a, e in zip(inputs.attack, inputs.eps_attack)
+                                     if a != "clean"})
+    n_train = run["train_logp_n"]
+    saved = {}
+
+    fig, axes = plt.subplots(1, len(groups), figsize=(2.2 * len(groups), 2.4), sharey=True,
+                             squeeze=False)
+    for ax, (attack, eps) in zip(axes[0], groups):
+        p = inputs[(inputs.attack == attack) & (inputs.eps_attack == eps)].pvalue_input
+        ax.hist(p, bins=20, range=(0, 1), color="tab:blue" if attack == "clean" else "tab:red")
+        ax.set_title(attack if attack == "clean" else f"{attack} {eps}", fontsize=9)
+        ax.set_xlabel("p-value", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(folder / "pvalues.png", dpi=110)
+    plt.close(fig)
+    saved["pvalues"] = "pvalues.png"
+
+    # Negatives are training images, whose Eq. 1 p-values are uniform by construction:
+    # the false-positive rate at p-value threshold t is the share of training images at or
+    # below it, i.e. ((N + 1) t - 1) / N.
+    fig, ax = plt.subplots(figsize=(4.6, 4.2))
+    aucs = {}
+    for attack, eps in groups:
+        p = np.sort(inputs[(inputs.attack == attack) & (inputs.eps_attack == eps)].pvalue_input)
+        fpr = np.clip(((n_train + 1) * np.r_[0, p] - 1) / n_train, 0, 1)
+        tpr = np.arange(len(p) + 1) / len(p)
+        auc = float(1 - np.mean(np.clip(((n_train + 1) * p - 1) / n_train, 0, 1)))
+        label = attack if attack == "clean" else f"{attack} {eps}"
+        aucs[label] = auc
+        ax.plot(np.r_[fpr, 1], np.r_[tpr, 1], label=f"{label} (AUC {auc:.2f})")
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set_xlabel("false positive rate (clean training images)")
+    ax.set_ylabel("true positive rate")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(folder / "roc.png", dpi=110)
+    plt.close(fig)
+    saved["roc"] = "roc.png"
+
+    kept = df[df.image_input.notna() & (df.classifier == first)]
+    attacked = kept[(kept.attack != "clean") & (kept.attack != "rand")]
+    if len(attacked) and "pixeldefend" in set(kept.defense):
+        attack, eps = sorted({(a, e) for a, e in zip(attacked.attack, attacked.eps_attack)})[0]
+        rows = kept[(kept.attack == attack) & (kept.eps_attack == eps)
+                    & (kept.defense == "pixeldefend")].sort_values("image_id").head(8)
+        fig, axes = plt.subplots(2, len(rows), figsize=(1.3 * len(rows), 2.9), squeeze=False)
+        for i, (_, r) in enumerate(rows.iterrows()):
+            for j, (blob, title) in enumerate(((r.image_input, f"{attack} {eps}"),
+                                               (r.image_defended, "purified"))):
+                im = _images(blob, shape)
+                axes[j][i].imshow(im[..., 0] if shape[2] == 1 else im,
+                                  cmap="gray" if shape[2] == 1 else None, vmin=0, vmax=255)
+                axes[j][i].set_xticks([]), axes[j][i].set_yticks([])
+                axes[j][i].set_title(title, fontsize=7)
+        fig.tight_layout()
+        fig.savefig(folder / "samples.png", dpi=110)
+        plt.close(fig)
+        saved["samples"] = "samples.png"
+    return {"files": saved, "aucs": aucs}
+
+
+def report(out: str | Path) -> str:
+    """Write OUT/report/{table1.md, table1.csv, pvalues.png, roc.png, samples.png,
+    report.md}; returns the Table 1 markdown."""
+    out = Path(out)
+    df, run = load_results(out)
+    folder = out / "report"
+    folder.mkdir(exist_ok=True)
+    long = accuracy_long(df)
+    table = table1_markdown(long)
+    csv = long[["network", "recipe", "defense", "attack", "eps_attack", "accuracy", "n_images"]]
+    atomic_write(folder / "table1.csv", lambda tmp: csv.to_csv(tmp, index=False))
+    atomic_write(folder / "table1.md", lambda tmp: tmp.write_text(table))
+    figs = figures(df, run, folder)
+    cfg = run["config"]
+    eps = "/".join(str(e) for e in cfg["eps_attack"])
+    md = [f"# pdray report: {cfg['dataset']}", "",
+          f"{df.image_id.nunique()} test images; eps_attack {eps}; eps_defend {cfg['eps_defend']}; "
+          f"PixelCNN {cfg['pixelcnn']}; classifiers {', '.join(cfg['classifiers'])}.", "",
+          f"## Table 1 (accuracy %, cells are eps_attack {eps})", "", table,
+          "STRONGEST is the minimum over attacks per cell, as in the paper; WORST CASE counts an "
+          "image only if it survives every attack at that eps_attack.", "",
+          "## Detection (Claim 1)", "",
+          "| input | AUC vs clean training images |", "|---|---|",
+          *[f"| {k} | {v:.3f} |" for k, v in figs["aucs"].items()], "",
+          *[f"![{k}]({v})" for k, v in figs["files"].items()], ""]
+    atomic_write(folder / "report.md", lambda tmp: tmp.write_text("\n".join(md)))
+    return table

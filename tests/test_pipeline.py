@@ -1,0 +1,108 @@
+"""The Ray Data evaluation end to end on tiny models: rows, shards, reruns, resume, report."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from pdray import pipeline, report
+from pdray.errors import PdrayError
+
+CFG = dict(dataset="fmnist", n_images=6, shards=3, attacks=["rand", "fgsm"], eps_attack=[4, 8],
+           eps_defend=16, seed=0, save_images=4)
+
+
+def results(out):
+    df, _ = report.load_results(out)
+    return df.drop(columns=["seconds"]).sort_values(pipeline.KEY).reset_index(drop=True)
+
+
+@pytest.fixture(scope="module")
+def full_run(ray_local, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    pipeline.run(pipeline.EvalConfig(**CFG), pipeline.RunOptions(out=str(out)))
+    return out
+
+
+def test_rows_and_layout(full_run):
+    df = results(full_run)
+    cfg = pipeline.resolve(pipeline.EvalConfig(**CFG))
+    assert len(df) == 6 * pipeline.rows_per_image(cfg)
+    assert not df.duplicated(pipeline.KEY).any()
+    assert set(df.defense) == {"none", "squeeze", "pixeldefend", "adaptive"}
+    assert set(df.attack) == {"clean", "rand", "fgsm"}
+    for col in ["image_id", "label", "dataset", "classifier", "recipe", "attack", "eps_attack",
+                "defense", "eps_defend", "pred", "correct", "bpd_input", "pvalue_input",
+                "bpd_defended"]:
+        assert df[col].notna().all(), col
+    assert sorted(p.parent.name for p in (full_run / "results").glob("*/_SUCCESS")) == \
+        ["shard=00000", "shard=00001", "shard=00002"]
+    run = json.loads((full_run / "run.json").read_text())
+    assert run["config"]["eps_attack"] == [4, 8] and "torch" in run["versions"]
+    assert set(run["models"]) == {"fmnist-resnet-normal", "fmnist-pixelcnn"}
+    # PixelDefend stays inside its ball and lowers bits/dim on attacked images.
+    pd_rows = df[(df.defense == "pixeldefend") & (df.attack == "fgsm")]
+    assert (pd_rows.bpd_defended < pd_rows.bpd_input).mean() > 0.9
+    # Clean inputs are identical across defenses, and "none" really is undefended.
+    none = df[df.defense == "none"]
+    assert (none.bpd_defended == none.bpd_input).all() and (none.eps_defend == 0).all()
+
+
+def test_rerunning_one_shard_changes_nothing(full_run):
+    before = results(full_run)
+    pipeline.run(pipeline.EvalConfig(**CFG), pipeline.RunOptions(out=str(full_run), shard=1))
+    pd.testing.assert_frame_equal(before, results(full_run))
+
+
+def test_interrupted_then_resumed_equals_uninterrupted(full_run, tmp_path):
+    out = tmp_path / "resumed"
+    pipeline.run(pipeline.EvalConfig(**CFG), pipeline.RunOptions(out=str(out), shard=2))
+    assert pipeline.completed_shards(out) == {2}
+    pipeline.run(pipeline.EvalConfig(**CFG), pipeline.RunOptions(out=str(out), resume=True))
+    pd.testing.assert_frame_equal(results(full_run), results(out))
+
+
+def test_report(full_run, capsys):
+    table = report.report(full_run)
+    folder = full_run / "report"
+    for name in ("table1.md", "table1.csv", "pvalues.png", "roc.png", "samples.png", "report.md"):
+        assert (folder / name).stat().st_size > 0, name
+    csv = pd.read_csv(folder / "table1.csv")
+    assert {"strongest", "worst_case", "clean", "fgsm", "rand"} <= set(csv.attack)
+    assert list(csv.columns) == ["network", "recipe", "defense", "attack", "eps_attack",
+                                 "accuracy", "n_images"]
+    strongest = csv[csv.attack == "strongest"].set_index(["defense", "eps_attack"]).accuracy
+    attacks_only = csv[csv.attack.isin(["rand", "fgsm"])]
+    assert (strongest == attacks_only.groupby(["defense", "eps_attack"]).accuracy.min()).all()
+    assert "| ResNet | Normal + PixelDefend |" in table
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(attacks=["jsma"]), "Unknown attack"),
+    (dict(eps_attack=[300]), "0..255"),
+    (dict(eps_defend=-1), "eps_defend"),
+    (dict(classifiers=["fmnist-vgg-normal"]), "No shipped model"),
+    (dict(defenses=["distillation"]), "Unknown defense"),
+])
+def test_bad_config_is_refused_before_anything_runs(change, message, tmp_path):
+    with pytest.raises(PdrayError, match=message):
+        pipeline.run(pipeline.EvalConfig(**{**CFG, **change}),
+                     pipeline.RunOptions(out=str(tmp_path / "x")))
+    assert not (tmp_path / "x").exists()
+
+
+def test_existing_results_are_never_touched_by_a_bad_run(full_run):
+    before = results(full_run)
+    with pytest.raises(PdrayError, match="another configuration"):
+        pipeline.run(pipeline.EvalConfig(**{**CFG, "eps_defend": 8}),
+                     pipeline.RunOptions(out=str(full_run)))
+    with pytest.raises(PdrayError, match="--shard must be in 0..2"):
+        pipeline.run(pipeline.EvalConfig(**CFG), pipeline.RunOptions(out=str(full_run), shard=3))
+    pd.testing.assert_frame_equal(before, results(full_run))
+
+
+def test_unwritable_output(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(PdrayError, match="Cannot write results"):
+        pipeline.run(pipeline.EvalConfig(**CFG), pipeline.RunOptions(out=str(blocker / "out")))
