@@ -41,7 +41,8 @@ SCHEMA = pa.schema([
     ("recipe", pa.string()), ("attack", pa.string()), ("eps_attack", pa.int64()),
     ("defense", pa.string()), ("eps_defend", pa.int64()), ("pred", pa.int64()),
     ("correct", pa.bool_()), ("bpd_input", pa.float64()), ("pvalue_input", pa.float64()),
-    ("bpd_defended", pa.float64()), ("seconds", pa.float64()),
+    ("bpd_defended", pa.float64()),
+    ("seconds", pa.float64()), ("purifier", pa.string()),  # provenance: time, node/GPU
     ("image_input", pa.binary()), ("image_defended", pa.binary()),  # uint8 HWC bytes, or null
 ])
 SHARED = "*"  # the classifier of rows whose image does not depend on one (clean, RAND)
@@ -189,7 +190,7 @@ class PurifierStage:
     classifiers."""
 
     def __init__(self, cfg: dict):
-        import torch
+        import ray
 
         from pdray import detect
 
@@ -200,7 +201,8 @@ class PurifierStage:
         self.models = {n: zoo.load(n, device)[0] for n in self.cfg.classifiers}
         self.recipes = {n: zoo.entry(n)["recipe"] for n in self.cfg.classifiers}
         self.archs = {n: zoo.entry(n)["arch"] for n in self.cfg.classifiers}
-        self.torch = torch
+        ctx = ray.get_runtime_context()
+        self.where = f"node {ctx.get_node_id()[:12]} gpu {','.join(map(str, ray.get_gpu_ids())) or '-'}"
 
     def __call__(self, batch: dict) -> dict:
         from pdray import detect, purify
@@ -250,7 +252,7 @@ class PurifierStage:
                                  ("correct", pred == int(batch["label"][i])),
                                  ("bpd_input", float(bpd_in[i])), ("pvalue_input", float(pvalue[i])),
                                  ("bpd_defended", float(bpd_def[d][i])),
-                                 ("seconds", float(seconds[i])),
+                                 ("seconds", float(seconds[i])), ("purifier", self.where),
                                  ("image_input", images[i].tobytes() if keep_image else None),
                                  ("image_defended",
                                   defended[d][i].tobytes() if keep_image else None)):

@@ -139,15 +139,17 @@ def fit(loop, config: dict, name: str, scaling: Scaling):
     init_ray()
     if scaling.use_gpu:
         require_gpus(scaling.num_workers)
-    runs = Path(scaling.runs_dir).resolve()
-    runs.mkdir(parents=True, exist_ok=True)
+    runs = scaling.runs_dir  # a local folder, or a URI such as s3://... on a cluster
+    if "://" not in runs:
+        Path(runs).mkdir(parents=True, exist_ok=True)
+        runs = str(Path(runs).resolve())
     trainer = TorchTrainer(
         loop, train_loop_config=config,
         scaling_config=ScalingConfig(
             num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
             resources_per_worker={"CPU": scaling.cpus_per_worker,
                                   **({"GPU": 1} if scaling.use_gpu else {})}),
-        run_config=RunConfig(name=name, storage_path=str(runs),
+        run_config=RunConfig(name=name, storage_path=runs,
                              checkpoint_config=CheckpointConfig(num_to_keep=2)))
     return trainer.fit()
 

@@ -97,14 +97,40 @@ def tiny_zoo():
     return Path(os.environ["PDRAY_WEIGHTS_DIR"])
 
 
-@pytest.fixture(scope="session")
-def ray_local():
+def local_ray():
+    """A local Ray, started once and kept for the tests that follow (a multi-node test
+    shuts it down and the next user starts it again)."""
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False,
-             object_store_memory=300 * 1024 * 1024)
-    yield ray
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, include_dashboard=False,
+                 object_store_memory=300 * 1024 * 1024)
+    return ray
+
+
+@pytest.fixture
+def ray_local():
+    return local_ray()
+
+
+@pytest.fixture
+def gpu_cluster():
+    """Three fake nodes in this machine: a head with no GPU and two workers with one GPU
+    each (Ray schedules them; torch still runs on the CPU)."""
+    import ray
+    from ray.cluster_utils import Cluster
+
     ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 2, "num_gpus": 0, "include_dashboard": False,
+        "object_store_memory": 200 * 1024 * 1024})
+    workers = [cluster.add_node(num_cpus=2, num_gpus=1, object_store_memory=150 * 1024 * 1024)
+               for _ in range(2)]
+    ray.init(address=cluster.address)
+    cluster.wait_for_nodes()
+    yield cluster, workers
+    ray.shutdown()
+    cluster.shutdown()
 
 
 _tiny_zoo(Path(tempfile.mkdtemp(prefix="pdray-test-zoo-")))

@@ -7,18 +7,21 @@ import pytest
 
 from pdray import pipeline, report
 from pdray.errors import PdrayError
+from conftest import local_ray
 
 CFG = dict(dataset="fmnist", n_images=6, shards=3, attacks=["rand", "fgsm"], eps_attack=[4, 8],
            eps_defend=16, seed=0, save_images=4)
 
 
 def results(out):
+    """The rows of a run, without the provenance columns (timing, which node purified)."""
     df, _ = report.load_results(out)
-    return df.drop(columns=["seconds"]).sort_values(pipeline.KEY).reset_index(drop=True)
+    return df.drop(columns=["seconds", "purifier"]).sort_values(pipeline.KEY).reset_index(drop=True)
 
 
 @pytest.fixture(scope="module")
-def full_run(ray_local, tmp_path_factory):
+def full_run(tmp_path_factory):
+    local_ray()
     out = tmp_path_factory.mktemp("full")
     pipeline.run(pipeline.EvalConfig(**CFG), pipeline.RunOptions(out=str(out)))
     return out
@@ -49,12 +52,14 @@ def test_rows_and_layout(full_run):
 
 
 def test_rerunning_one_shard_changes_nothing(full_run):
+    local_ray()
     before = results(full_run)
     pipeline.run(pipeline.EvalConfig(**CFG), pipeline.RunOptions(out=str(full_run), shard=1))
     pd.testing.assert_frame_equal(before, results(full_run))
 
 
 def test_interrupted_then_resumed_equals_uninterrupted(full_run, tmp_path):
+    local_ray()
     out = tmp_path / "resumed"
     pipeline.run(pipeline.EvalConfig(**CFG), pipeline.RunOptions(out=str(out), shard=2))
     assert pipeline.completed_shards(out) == {2}

@@ -1,0 +1,22 @@
+"""cluster.yaml is valid for Ray's autoscaler, offline, against the schema Ray ships."""
+
+import json
+from pathlib import Path
+
+import jsonschema
+import ray
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_cluster_yaml_validates_against_rays_schema():
+    schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
+    config = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    jsonschema.validate(config, schema)
+    head = config["available_node_types"][config["head_node_type"]]
+    assert head["resources"] == {"CPU": 0}  # the head runs no work
+    workers = [t for n, t in config["available_node_types"].items() if n != config["head_node_type"]]
+    assert any(t["max_workers"] > t["min_workers"] for t in workers)  # autoscaling
+    assert config["docker"]["image"].startswith(f"rayproject/ray:{ray.__version__}")
+    assert any("pip install" in c and "pdray" in c for c in config["setup_commands"])
