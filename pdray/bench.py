@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import resource
 import time
+from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -74,3 +75,49 @@ def bench_purify(dataset: str, n_images: int = 64, batch_size: int = 64, eps_def
         "peak_mem_mb": round(peak_mem_mb(), 1),
         "torch_threads": torch.get_num_threads(),
     }
+
+
+def bench_pipeline(dataset: str = "fmnist", n_images: int = 32, shards: int = 4,
+                   attack_names: tuple[str, ...] = ("fgsm",), eps_attack: tuple[int, ...] = (8,),
+                   defenses: tuple[str, ...] = ("none", "pixeldefend"), data_dir=None,
+                   out: str | None = None) -> dict:
+    """The Ray pipeline against the bare loop over the same stage code, images and
+    settings: one attacker and one purifier, so the ratio is Ray's overhead (or the gain
+    from running the two stages side by side on two cores)."""
+    import tempfile
+
+    from pdray import pipeline
+    from pdray.cluster import init_ray
+
+    cfg = pipeline.resolve(pipeline.EvalConfig(
+        dataset=dataset, n_images=n_images, shards=shards, attacks=list(attack_names),
+        eps_attack=list(eps_attack), defenses=list(defenses), save_images=0))
+    init_ray()
+    with tempfile.TemporaryDirectory() as tmp:
+        _, pipeline_s = _timed(lambda: pipeline.run(
+            cfg, pipeline.RunOptions(out=out or tmp, data_dir=data_dir, num_attackers=1,
+                                     num_purifiers=1, gpus="0", report=False),
+            log=lambda *_: None))
+    shards_ids = [s.tolist() for s in data.shard_indices(cfg.n_images, cfg.shards)]
+
+    def bare():
+        attack = pipeline.AttackStage(asdict_cfg, shards_ids, data_dir)
+        purifier = pipeline.PurifierStage(asdict_cfg)
+        rows = 0
+        for k in range(len(shards_ids)):
+            batch = attack({"shard": np.array([k])})
+            for i in range(0, len(batch["shard"]), cfg.purify_batch):
+                rows += len(purifier({c: v[i:i + cfg.purify_batch] for c, v in batch.items()})["shard"])
+        return rows
+
+    asdict_cfg = asdict(cfg)
+    rows, bare_s = _timed(bare)
+    return {"dataset": cfg.dataset, "images": cfg.n_images, "shards": cfg.shards,
+            "attacks": cfg.attacks, "eps_attack": cfg.eps_attack, "defenses": cfg.defenses,
+            "rows": rows, "pipeline_s": round(pipeline_s, 2), "bare_s": round(bare_s, 2),
+            "pipeline_images_per_s": round(cfg.n_images / pipeline_s, 3),
+            "bare_images_per_s": round(cfg.n_images / bare_s, 3),
+            "overhead": round(pipeline_s / bare_s - 1, 3),
+            "note": "pipeline_s includes actor start-up and model loading in each actor; "
+                    "bare_s runs the same stage classes in this process, one after the other",
+            "torch_threads_bare": torch.get_num_threads()}

@@ -150,6 +150,23 @@ def bench_purify(dataset: str = typer.Option(..., "--dataset"),
                             agreement_images, data_dir), as_json)
 
 
+@app.command("adaptive-threshold")
+def adaptive_threshold_cmd(dataset: str = typer.Option(..., "--dataset"),
+                           classifier: Optional[str] = typer.Option(None, "--classifier"),
+                           eps_defend: Optional[int] = typer.Option(None, "--eps-defend"),
+                           attacks: Optional[str] = typer.Option(None, "--attacks"),
+                           eps_attack: Optional[str] = typer.Option(None, "--eps-attack"),
+                           n_images: int = typer.Option(256, "--n-images"),
+                           data_dir: Optional[Path] = DataDir,
+                           as_json: bool = typer.Option(False, "--json")):
+    """Choose adaptive PixelDefend's bits/dim threshold on validation data and store it
+    with the PixelCNN's manifest entry."""
+    from pdray import adaptive
+
+    emit(adaptive.choose_threshold(dataset, classifier, None, eps_defend, _list(attacks),
+                                   _list(eps_attack, float), n_images, data_dir), as_json)
+
+
 def _list(value: Optional[str], cast=str):
     return [cast(v.strip()) for v in value.split(",") if v.strip()] if value else None
 
@@ -203,6 +220,18 @@ def report_cmd(out: Path = typer.Argument(..., help="A results folder from `pdra
 
     print(report.report(out))
     print(f"report: {out / 'report' / 'report.md'}", file=sys.stderr)
+
+
+@bench_app.command("pipeline")
+def bench_pipeline(dataset: str = typer.Option("fmnist", "--dataset"),
+                   n_images: int = typer.Option(32, "--n-images"),
+                   shards: int = typer.Option(4, "--shards"),
+                   data_dir: Optional[Path] = DataDir,
+                   as_json: bool = typer.Option(False, "--json")):
+    """The Ray pipeline's images/s against the bare stage loop, in one run."""
+    from pdray import bench
+
+    emit(bench.bench_pipeline(dataset, n_images, shards, data_dir=data_dir), as_json)
 
 
 @train_app.command("classifier")

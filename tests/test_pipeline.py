@@ -111,3 +111,11 @@ def test_unwritable_output(tmp_path):
     blocker.write_text("not a folder")
     with pytest.raises(PdrayError, match="Cannot write results"):
         pipeline.run(pipeline.EvalConfig(**CFG), pipeline.RunOptions(out=str(blocker / "out")))
+
+
+def test_bench_pipeline_measures_both_paths():
+    from pdray import bench
+
+    local_ray()
+    r = bench.bench_pipeline("fmnist", n_images=4, shards=2)
+    assert r["rows"] == 4 * 2 * 2 and  # (clean, fgsm 8) x (none, pixeldefend) per image; r["pipeline_s"] > 0 and r["bare_s"] > 0
