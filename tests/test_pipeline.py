@@ -118,4 +118,5 @@ def test_bench_pipeline_measures_both_paths():
 
     local_ray()
     r = bench.bench_pipeline("fmnist", n_images=4, shards=2)
-    assert r["rows"] == 4 * 2 * 2 and  # (clean, fgsm 8) x (none, pixeldefend) per image; r["pipeline_s"] > 0 and r["bare_s"] > 0
+    assert r["rows"] == 4 * 2 * 2  # (clean, fgsm 8) x (none, pixeldefend) per image
+    assert r["pipeline_s"] > 0 and r["bare_s"] > 0
