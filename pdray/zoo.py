@@ -53,8 +53,8 @@ def load_checkpoint(path: str | Path, expected_sha256: str | None = None) -> dic
         raise PdrayError(f"Checkpoint {path} does not exist.")
     if expected_sha256 and sha256(path) != expected_sha256:
         raise PdrayError(f"Checkpoint {path} does not match its manifest sha256: it is "
-                         f"corrupt or was replaced. Restore it (git checkout -- {path.name}) "
-                         f"or retrain it.")
+                         f"corrupt or was replaced. Restore it (shipped weights come back "
+                         f"with a reinstall or `git checkout`) or retrain it.")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for truncated or foreign files

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,8 +24,9 @@ def pdray(*args, env=None, check=True):
 def assert_clean_error(r, *words):
     assert r.returncode != 0
     assert "Traceback" not in r.stderr and r.stderr.startswith("pdray: error:")
+    text = " ".join(r.stderr.split())  # the message is wrapped into a paragraph
     for w in words:
-        assert w in r.stderr, r.stderr
+        assert w in text, r.stderr
 
 
 @pytest.mark.parametrize("dataset,train,shape", [("fmnist", 60000, [28, 28, 1]),
@@ -58,3 +60,78 @@ def test_unknown_recipe_is_a_clear_error(tmp_path):
     r = pdray("train", "classifier", "--recipe", "distillation", "--runs-dir", str(tmp_path),
               check=False)
     assert_clean_error(r, "Unknown recipe")
+
+
+EVAL = ["eval", "--dataset", "fmnist", "--n-images", "2", "--shards", "1", "--attacks", "fgsm",
+        "--eps-attack", "8", "--no-report"]
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--attacks", "jsma"], ["Unknown attack 'jsma'"]),
+    (["--eps-attack", "300"], ["0..255"]),
+    (["--eps-defend", "-3"], ["eps_defend"]),
+    (["--classifiers", "fmnist-vgg-normal"], ["No shipped model named 'fmnist-vgg-normal'"]),
+    (["--shard", "5"], ["--shard must be in 0..0"]),
+])
+def test_eval_bad_input_is_a_clear_error(args, words, tmp_path):
+    out = tmp_path / "out"
+    assert_clean_error(pdray(*EVAL, "--out", str(out), *args, check=False), *words)
+    assert not out.exists() or not any(out.rglob("*.parquet"))
+
+
+def test_eval_refuses_a_corrupt_checkpoint_and_leaves_results_alone(tiny_zoo, tmp_path):
+    zoo_copy = tmp_path / "zoo"
+    shutil.copytree(tiny_zoo, zoo_copy)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("earlier results")
+    with open(zoo_copy / "fmnist-resnet-normal.pt", "r+b") as f:
+        f.seek(100)
+        f.write(b"garbage")
+    r = pdray(*EVAL, "--out", str(out), check=False, env={"PDRAY_WEIGHTS_DIR": str(zoo_copy)})
+    assert_clean_error(r, "does not match its manifest sha256")
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+
+
+def test_eval_refuses_an_unwritable_output(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert_clean_error(pdray(*EVAL, "--out", str(blocker / "out"), check=False),
+                       "Cannot write results")
+
+
+def test_purify_command(tmp_path, fmnist_samples):
+    import numpy as np
+
+    np.save(tmp_path / "x.npy", fmnist_samples[0][:3])
+    pdray("purify", "--input", str(tmp_path / "x.npy"), "--output", str(tmp_path / "y.npy"),
+          "--eps-defend", "16")
+    y = np.load(tmp_path / "y.npy")
+    d = np.abs(y.astype(int) - fmnist_samples[0][:3])
+    assert y.dtype == np.uint8 and y.shape == (3, 28, 28, 1) and d.max() <= 16 and d.max() > 0
+    pdray("purify", "--input", str(tmp_path / "x.npy"), "--output", str(tmp_path / "z.npy"),
+          "--adaptive")
+
+
+@pytest.mark.parametrize("array,words", [
+    ("float", ["uint8"]), ("rgb", ["1-channel", "3 channels"]), ("eps", ["eps_defend"]),
+    ("missing", ["Cannot read"]),
+])
+def test_purify_bad_input(array, words, tmp_path, fmnist_samples):
+    import numpy as np
+
+    x = fmnist_samples[0][:2]
+    inp, extra = tmp_path / "x.npy", []
+    if array == "float":
+        np.save(inp, x.astype(np.float32))
+    elif array == "rgb":
+        np.save(inp, np.repeat(x, 3, axis=-1))
+        extra = ["--model", "fmnist-pixelcnn"]
+    elif array == "eps":
+        np.save(inp, x)
+        extra = ["--eps-defend", "256"]
+    out = tmp_path / "y.npy"
+    out.write_bytes(b"old result")
+    r = pdray("purify", "--input", str(inp), "--output", str(out), *extra, check=False)
+    assert_clean_error(r, *words)
+    assert out.read_bytes() == b"old result"
