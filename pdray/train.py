@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from pdray import attacks, classifiers, data, zoo
 from pdray.errors import PdrayError
+from pdray.evaluate import bits_per_dim, predict
 
 RECIPES = ("normal", "adv-fgsm", "adv-bim", "label-smoothing")
 
@@ -172,17 +173,6 @@ def finish(result, name: str, ship: bool) -> dict:
 
 # ---- classifiers ---------------------------------------------------------------------------
 
-def _accuracy(model, images: np.ndarray, labels: np.ndarray, device, batch: int = 500) -> float:
-    model.eval()
-    correct = 0
-    with torch.inference_mode():
-        for i in range(0, len(labels), batch):
-            x = torch.from_numpy(images[i:i + batch].transpose(0, 3, 1, 2).copy()).float()
-            pred = model(x.to(device)).argmax(1).cpu().numpy()
-            correct += int((pred == labels[i:i + batch]).sum())
-    return correct / len(labels)
-
-
 def classifier_loop(config: dict) -> None:
     """One Ray Train worker's training of a classifier with one of the Table 1 recipes."""
     import ray.train.torch
@@ -244,7 +234,8 @@ def classifier_loop(config: dict) -> None:
         epoch += 1
         wall += time.time() - t0
         n_eval = min(cfg.eval_images, len(d.test.labels))
-        acc = _accuracy(core, d.test.images[:n_eval], d.test.labels[:n_eval], device)
+        core.eval()
+        acc = float((predict(core, d.test.images[:n_eval]) == d.test.labels[:n_eval]).mean())
         metrics = {"test_accuracy": acc, "eval_images": n_eval, "epoch": epoch,
                    "loss": float(loss.detach()), "wall_time_s": wall}
         report(metrics, {"kind": "classifier", "dataset": cfg.dataset, "arch": cfg.arch,
@@ -290,16 +281,6 @@ class PixelCNNConfig:
 
         return pixelcnn.Config(channels=data.SHAPE[data.parse_dataset(self.dataset)][2],
                                filters=self.filters, blocks=self.blocks, dropout=self.dropout)
-
-
-def _bpd(model, images: np.ndarray, device, batch: int = 100) -> float:
-    model.eval()
-    total = 0.0
-    with torch.inference_mode():
-        for i in range(0, len(images), batch):
-            x = torch.from_numpy(images[i:i + batch].transpose(0, 3, 1, 2).copy()).to(device)
-            total += float(model.bpd(x).sum())
-    return total / len(images)
 
 
 def pixelcnn_loop(config: dict) -> None:
@@ -353,7 +334,7 @@ def pixelcnn_loop(config: dict) -> None:
             if step % cfg.report_every == 0 or step == cfg.steps:
                 wall += time.time() - t0
                 n_eval = min(cfg.eval_images, len(d.test.labels))
-                bpd = _bpd(ema.module, d.test.images[:n_eval], device)
+                bpd = float(bits_per_dim(ema.module.eval(), d.test.images[:n_eval]).mean())
                 metrics = {"test_bpd": bpd, "eval_images": n_eval, "step": step,
                            "epoch": step / per_epoch, "train_bpd": float(loss), "wall_time_s": wall}
                 print(f"step {step}: test bpd {bpd:.4f} on {n_eval} images", flush=True)
