@@ -78,28 +78,44 @@ def reference_batch(model: PixelCNN, x: torch.Tensor, eps: torch.Tensor,
 
 # ---- fast: the same decisions with cached activations ---------------------------------------
 
-class _RowCache:
-    """Two rows of one convolution's input, with a zero column on the left, so the output
-    at (i, j) of a kernel covering rows i-1..i and columns j-kw+1..j is one small matmul."""
+class _ConvCache:
+    """A (2 x kw) down-right-shifted convolution evaluated one position at a time.
+
+    Output (i, j) = bias + (row i-1, columns j-kw+1..j) + (row i, the same columns). The
+    row-above part is one batched matmul per row. Within the row each new input is
+    multiplied once: that gives its own output's term and, for kw == 2, its right
+    neighbour's, kept in ``pending``. Memory: two rows of inputs, whatever the step count.
+    """
 
     def __init__(self, conv: torch.nn.Conv2d, batch: int, width: int, like: torch.Tensor):
         c_out, c_in, kh, kw = conv.weight.shape
-        self.kw = kw
-        self.rows = like.new_zeros(batch, c_in, 2, width + kw - 1)
-        self.weight = conv.weight.reshape(c_out, -1).t().contiguous()
+        w = conv.weight
+        self.kw, self.c_out, self.width = kw, c_out, width
+        self.w_above = w[:, :, 0, :].permute(2, 1, 0).reshape(kw * c_in, c_out)  # rows (dx, c_in)
+        # Columns: this position's term (dx = kw-1), then, for kw == 2, the next one's (dx = 0).
+        self.w_row = torch.cat([w[:, :, 1, kw - 1 - k].t() for k in range(kw)], dim=1)
         self.bias = conv.bias
-        self.full_height = kh == 2
+        self.row = like.new_zeros(width + kw - 1, batch, c_in)  # this row's inputs, left-padded
+        self.spare = torch.zeros_like(self.row)
+        self.pending = like.new_zeros(batch, c_out)
+        self.above = None
 
     def next_row(self):
-        self.rows[:, :, 0] = self.rows[:, :, 1]
+        """Start the next row: the finished row becomes the row above."""
+        win = torch.cat([self.row[k:k + self.width] for k in range(self.kw)], dim=-1)
+        self.above = torch.addmm(self.bias, win.reshape(-1, win.shape[-1]),
+                                 self.w_above).view(self.width, -1, self.c_out)  # (W, B, C_out)
+        self.row, self.spare = self.spare, self.row  # the padding column stays zero
+        self.pending = torch.zeros_like(self.pending)
 
-    def put(self, j: int, value):  # value (B, C_in): the input at (i, j)
-        self.rows[:, :, 1, j + self.kw - 1] = value
-
-    def out(self, j: int):  # -> (B, C_out): the output at (i, j)
-        patch = self.rows[:, :, :, j:j + self.kw] if self.full_height else \
-            self.rows[:, :, 1:, j:j + self.kw]
-        return torch.addmm(self.bias, patch.reshape(patch.shape[0], -1), self.weight)
+    def step(self, j: int, value):  # value (B, C_in): the input at (i, j) -> output (B, C_out)
+        self.row[j + self.kw - 1] = value
+        z = value @ self.w_row
+        out = self.above[j] + z[:, :self.c_out]
+        if self.kw == 2:
+            out = out + self.pending
+            self.pending = z[:, self.c_out:]
+        return out
 
 
 def _row_conv(conv: torch.nn.Conv2d, prev, cur):
@@ -120,24 +136,23 @@ def fast_batch(model: PixelCNN, x: torch.Tensor, eps: torch.Tensor) -> torch.Ten
     enc = lambda v: PixelCNN.encode(v).to(dt)  # noqa: E731  (B, C, ...) -> (B, C+1, ...)
     zeros_row = torch.zeros(b, c + 1, w, dtype=dt, device=x.device)
     f = model.config.filters
-    # u stream: the previous row of every convolution's input.
+    # u stream: the previous row of every convolution's input, (B, 2F, W).
     u_prev = [[torch.zeros(b, 2 * f, w, dtype=dt, device=x.device) for _ in range(2)]
               for _ in model.u_blocks]
-    # ul stream: two-row caches of every convolution's input.
-    like = zeros_row
-    left = _RowCache(model.ul_init_left, b, w, like)
-    ul_caches = [(_RowCache(blk.conv1, b, w, like), _RowCache(blk.conv2, b, w, like))
+    # ul stream: position-by-position caches of every convolution.
+    left = _ConvCache(model.ul_init_left, b, w, zeros_row)
+    ul_caches = [(_ConvCache(blk.conv1, b, w, zeros_row), _ConvCache(blk.conv2, b, w, zeros_row))
                  for blk in model.ul_blocks]
-    x_rows = [zeros_row, zeros_row]  # encoded input rows i-2 and i-1
+    x_rows = [zeros_row, zeros_row]  # encoded input rows i-2 and i-1, (B, C+1, W)
     for i in range(h):
         # --- the u stream for row i, and everything of the ul stream that only looks up.
         if i == 0:
             u = torch.zeros(b, f, w, dtype=dt, device=x.device)
-            up = torch.zeros_like(u)
+            up = torch.zeros(w, b, f, dtype=dt, device=x.device)
         else:
             u = _row_conv(model.u_init, x_rows[0], x_rows[1])  # down_shift(u_init)(i)
-            up = F.conv2d(F.pad(x_rows[1][:, :, None], (1, 1, 0, 0)),
-                          model.ul_init_up.weight, model.ul_init_up.bias)[:, :, 0]
+            up = F.conv2d(F.pad(x_rows[1][:, :, None], (1, 1, 0, 0)), model.ul_init_up.weight,
+                          model.ul_init_up.bias)[:, :, 0].permute(2, 0, 1)  # (W, B, F)
         aux = []
         for blk, ul_blk, cache in zip(model.u_blocks, model.ul_blocks, u_prev):
             cu = concat_elu(u)
@@ -148,17 +163,17 @@ def fast_batch(model: PixelCNN, x: torch.Tensor, eps: torch.Tensor) -> torch.Ten
             cache[1] = c1
             ga, gb = c2.chunk(2, dim=1)
             u = u + ga * torch.sigmoid(gb)
-            aux.append(F.conv1d(concat_elu(u), ul_blk.aux.weight[..., 0], ul_blk.aux.bias))
-        for cache in (left, *[r for pair in ul_caches for r in pair]):
+            aux.append(F.conv1d(concat_elu(u), ul_blk.aux.weight[..., 0],
+                                ul_blk.aux.bias).permute(2, 0, 1))  # (W, B, F)
+        for cache in (left, *[c for pair in ul_caches for c in pair]):
             cache.next_row()
         # --- the ul stream and the head, pixel by pixel.
+        from_left = 0.0  # right_shift(ul_init_left(x))(i, j): the conv's output at (i, j-1)
         for j in range(w):
-            ul = up[:, :, j] + (left.out(j - 1) if j > 0 else 0.0)
-            for blk, (cache1, cache2), a in zip(model.ul_blocks, ul_caches, aux):
-                cache1.put(j, concat_elu(ul))
-                c1 = concat_elu(cache1.out(j) + a[:, :, j])
-                cache2.put(j, c1)
-                ga, gb = cache2.out(j).chunk(2, dim=1)
+            ul = up[j] + from_left
+            for (cache1, cache2), a in zip(ul_caches, aux):
+                c1 = concat_elu(cache1.step(j, concat_elu(ul)) + a[j])
+                ga, gb = cache2.step(j, c1).chunk(2, dim=1)
                 ul = ul + ga * torch.sigmoid(gb)
             hj = F.elu(ul)
             decided = []
@@ -167,7 +182,7 @@ def fast_batch(model: PixelCNN, x: torch.Tensor, eps: torch.Tensor) -> torch.Ten
                 v = _masked_argmax(logits, lo[:, k, i, j], hi[:, k, i, j])
                 xs[:, k, i, j] = v
                 decided.append(v)
-            left.put(j, enc(xs[:, :, i, j]))
+            from_left = left.step(j, enc(xs[:, :, i, j]))
         x_rows = [x_rows[1], enc(xs[:, :, i])]
     return xs
 
