@@ -237,7 +237,7 @@ def classifier_loop(config: dict) -> None:
         core.eval()
         acc = float((predict(core, d.test.images[:n_eval]) == d.test.labels[:n_eval]).mean())
         metrics = {"test_accuracy": acc, "eval_images": n_eval, "epoch": epoch,
-                   "loss": float(loss.detach()), "wall_time_s": wall}
+                   "loss": loss.item(), "wall_time_s": wall}
         report(metrics, {"kind": "classifier", "dataset": cfg.dataset, "arch": cfg.arch,
                          "recipe": cfg.recipe, "config": asdict(cfg), "metrics": metrics,
                          "model": core.state_dict(), "optimizer": opt.state_dict(),
@@ -327,7 +327,7 @@ def pixelcnn_loop(config: dict) -> None:
             ema.update_parameters(core)
             step += 1
             if step % 20 == 0:
-                print(f"step {step}/{cfg.steps} train bpd {float(loss):.3f} "
+                print(f"step {step}/{cfg.steps} train bpd {loss.item():.3f} "
                       f"{(time.time() - t0) / 20:.2f} s/step", flush=True)
                 wall += time.time() - t0
                 t0 = time.time()
@@ -336,7 +336,7 @@ def pixelcnn_loop(config: dict) -> None:
                 n_eval = min(cfg.eval_images, len(d.test.labels))
                 bpd = float(bits_per_dim(ema.module.eval(), d.test.images[:n_eval]).mean())
                 metrics = {"test_bpd": bpd, "eval_images": n_eval, "step": step,
-                           "epoch": step / per_epoch, "train_bpd": float(loss), "wall_time_s": wall}
+                           "epoch": step / per_epoch, "train_bpd": loss.item(), "wall_time_s": wall}
                 print(f"step {step}: test bpd {bpd:.4f} on {n_eval} images", flush=True)
                 report(metrics, {"kind": "pixelcnn", "dataset": cfg.dataset, "arch": "pixelcnn",
                                  "recipe": None, "config": asdict(cfg.model_config()),
