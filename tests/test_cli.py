@@ -135,3 +135,32 @@ def test_purify_bad_input(array, words, tmp_path, fmnist_samples):
     r = pdray("purify", "--input", str(inp), "--output", str(out), *extra, check=False)
     assert_clean_error(r, *words)
     assert out.read_bytes() == b"old result"
+
+
+def test_models_evaluate_reports_accuracy_and_bpd():
+    clf = json.loads(pdray("models", "evaluate", "fmnist-resnet-normal", "--n-images", "20",
+                           "--json").stdout)
+    assert clf["metric"] == "accuracy" and 0 <= clf["value"] <= 1 and clf["n_images"] == 20
+    pcnn = json.loads(pdray("models", "evaluate", "fmnist-pixelcnn", "--n-images", "20",
+                            "--json").stdout)
+    assert pcnn["metric"] == "bpd" and pcnn["value"] > 0
+
+
+def test_detect_prints_the_claim_1_summary():
+    r = json.loads(pdray("detect", "--dataset", "fmnist", "--attack", "fgsm", "--eps-attack",
+                         "8", "--n-images", "16", "--json").stdout)
+    assert {"attack", "eps_attack", "n_images", "auc", "mean_pvalue_clean",
+            "mean_pvalue_attacked", "ks_pvalue_clean"} <= set(r)
+    assert r["attack"] == "fgsm" and r["n_images"] == 16 and 0 <= r["auc"] <= 1
+
+
+def test_bench_purify_reports_every_field():
+    r = json.loads(pdray("bench", "purify", "--dataset", "fmnist", "--n-images", "2",
+                         "--batch-size", "2", "--reference-steps", "3", "--agreement-images",
+                         "1", "--json").stdout)
+    for k in ("dataset", "images", "batch_size", "eps_defend", "fast_s", "reference_s",
+              "reference_steps_timed", "speedup", "agreement", "agreement_subpixels",
+              "forward_s", "forward_equivalents", "bpd_input", "bpd_fast", "peak_mem_mb"):
+        assert k in r, k
+    assert r["agreement"] == 1.0 and r["agreement_subpixels"] == 784
+    assert r["bpd_fast"] < r["bpd_input"]  # purification moves images up in likelihood
