@@ -35,8 +35,9 @@ def require_gpus(n: int) -> None:
     """Asking Ray for GPUs that no node has hangs forever; fail at once instead."""
     have = gpus_available()
     if n > have:
-        raise PdrayError(f"{n} GPU(s) requested but the Ray cluster has {have}. Run on CPU "
-                         f"(omit --gpus / use_gpu) or add GPU nodes (see cluster.yaml).")
+        raise PdrayError(f"{n} GPU(s) requested but the Ray cluster has {have}. Run on the "
+                         f"CPU (no --gpu for training, --gpus 0 or auto for eval) or add GPU "
+                         f"nodes (see cluster.yaml).")
 
 
 def torch_device() -> torch.device:
