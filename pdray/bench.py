@@ -36,9 +36,42 @@ def peak_mem_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def art_pixeldefend(model, images: np.ndarray, eps_defend: int, batch_size: int) -> np.ndarray:
+    """IBM ART 1.20.1's PixelDefend around the same PixelCNN, for comparison. It is not
+    Algorithm 1: it runs the model once on the unpurified image and picks every value from
+    that one output. Under numpy 2 it crashes (OverflowError) on any pixel within eps of
+    0 or 255, because ``x - eps`` is computed in uint8; giving it eps as a numpy int64
+    after construction (its check wants a Python int) makes that arithmetic int64."""
+    try:
+        from art.defences.preprocessor import PixelDefend
+        from art.estimators.classification import PyTorchClassifier
+    except ImportError:
+        raise PdrayError("--art needs IBM ART: pip install adversarial-robustness-toolbox==1.20.1"
+                         ) from None
+
+    class Probabilities(torch.nn.Module):
+        """ART wants per-sub-pixel probabilities in its input's (H, W, C) order."""
+
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x):  # (N, H, W, C) in [0, 1] -> (N, H*W*C*256)
+            p = torch.softmax(self.model(torch.round(x * 255).long().permute(0, 3, 1, 2)), -1)
+            return p.permute(0, 2, 3, 1, 4).reshape(len(x), -1)
+
+    estimator = PyTorchClassifier(Probabilities(), loss=torch.nn.CrossEntropyLoss(),
+                                  input_shape=images.shape[1:], nb_classes=256,
+                                  clip_values=(0.0, 1.0), device_type=str(torch_device().type))
+    defense = PixelDefend(eps=eps_defend, pixel_cnn=estimator, batch_size=batch_size)
+    defense.eps = np.int64(eps_defend)  # the uint8 wrap-around fix described above
+    out, _ = defense(images.astype(np.float32) / 255.0)
+    return np.rint(out * 255.0).astype(np.uint8)
+
+
 def bench_purify(dataset: str, n_images: int = 64, batch_size: int = 64, eps_defend: int = 16,
                  reference_steps: int = 32, agreement_images: int = 2, data_dir=None,
-                 model_name: str | None = None) -> dict:
+                 model_name: str | None = None, art: bool = False) -> dict:
     ds = data.parse_dataset(dataset)
     if n_images < 1 or batch_size < 1 or reference_steps < 1 or agreement_images < 0:
         raise PdrayError("n-images, batch-size and reference-steps must be at least 1.")
@@ -59,8 +92,14 @@ def bench_purify(dataset: str, n_images: int = 64, batch_size: int = 64, eps_def
     batches = -(-len(images) // batch_size)
     reference_s = ref_part_s / reference_steps * subpixels * batches
     sub = images[:agreement_images]
-    agree = (purify.pixeldefend(model, sub, eps_defend, method="reference") ==
-             purify.pixeldefend(model, sub, eps_defend, method="fast"))
+    reference_out = purify.pixeldefend(model, sub, eps_defend, method="reference")
+    agree = reference_out == purify.pixeldefend(model, sub, eps_defend, method="fast")
+    extra = {}
+    if art:
+        art_out, art_s = _timed(lambda: art_pixeldefend(model, images, eps_defend, batch_size))
+        extra = {"art_s": round(art_s, 3), "bpd_art": float(bits_per_dim(model, art_out).mean()),
+                 "art_agreement_with_reference": float((art_out[:agreement_images] ==
+                                                        reference_out).mean())}
     return {
         "dataset": ds.value, "model": model_name, "device": str(device),
         "images": len(images), "batch_size": batch_size, "eps_defend": eps_defend,
@@ -73,7 +112,7 @@ def bench_purify(dataset: str, n_images: int = 64, batch_size: int = 64, eps_def
         "bpd_input": float(bits_per_dim(model, images).mean()),
         "bpd_fast": float(bits_per_dim(model, fast_out).mean()),
         "peak_mem_mb": round(peak_mem_mb(), 1),
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": torch.get_num_threads(), **extra,
     }
 
 

@@ -142,12 +142,13 @@ def bench_purify(dataset: str = typer.Option(..., "--dataset"),
                  reference_steps: int = typer.Option(32, "--reference-steps"),
                  agreement_images: int = typer.Option(2, "--agreement-images"),
                  data_dir: Optional[Path] = DataDir,
+                 art: bool = typer.Option(False, "--art", help="Also time IBM ART 1.20.1's PixelDefend."),
                  as_json: bool = typer.Option(False, "--json")):
     """Reference vs fast purifier on the same shipped model, images and batch."""
     from pdray import bench
 
     emit(bench.bench_purify(dataset, n_images, batch_size, eps_defend, reference_steps,
-                            agreement_images, data_dir), as_json)
+                            agreement_images, data_dir, art=art), as_json)
 
 
 @app.command("adaptive-threshold")
