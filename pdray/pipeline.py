@@ -340,7 +340,11 @@ def _check_models(cfg: EvalConfig) -> None:
     train_log_likelihoods(cfg.pixelcnn)
 
 
-def run(cfg: EvalConfig, opts: RunOptions, log=print) -> Path:
+def _log(message: str) -> None:
+    print(message, flush=True)
+
+
+def run(cfg: EvalConfig, opts: RunOptions, log=_log) -> Path:
     """Evaluate every requested shard and write its Parquet file; returns OUT."""
     import ray
     from ray.data import ActorPoolStrategy, DataContext

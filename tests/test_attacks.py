@@ -60,6 +60,13 @@ def test_project_has_no_uint8_wraparound():
     assert attacks.project(x, adv, 8).ravel().tolist() == [0, 255, 0]
 
 
+def test_outward_rounding_keeps_small_changes():
+    x = np.array([[[[10], [10], [10], [250]]]], dtype=np.uint8)
+    adv = np.array([[[[10.3], [9.6], [10.0], [262.0]]]])
+    assert attacks.project(x, adv, 8).ravel().tolist() == [10, 10, 10, 255]
+    assert attacks.project(x, adv, 8, outward=True).ravel().tolist() == [11, 9, 10, 255]
+
+
 def test_bim_steps_follow_kurakin():
     assert [attacks.bim_steps(e) for e in (1, 2, 8, 16)] == [1, 2, 10, 20]
 
