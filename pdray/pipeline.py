@@ -215,8 +215,10 @@ class PurifierStage:
         pvalue = detect.pvalues(-bpd_in * dims * np.log(2), self.train_logp)
         defended, bpd_def, eps_def = {}, {}, {}
         if {"pixeldefend", "adaptive"} & set(cfg.defenses):
-            purified = purify.pixeldefend(self.pixelcnn, images, cfg.eps_defend,
-                                          batch_size=cfg.purify_batch)
+            # Adaptive alone needs only the images at or above its threshold purified.
+            eps = cfg.eps_defend if "pixeldefend" in cfg.defenses else \
+                purify.adaptive_eps(bpd_in, cfg.adaptive_threshold, cfg.eps_defend)
+            purified = purify.pixeldefend(self.pixelcnn, images, eps, batch_size=cfg.purify_batch)
             bpd_purified = bits_per_dim(self.pixelcnn, purified)
         for d in cfg.defenses:
             if d == "none":

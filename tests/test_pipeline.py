@@ -120,3 +120,25 @@ def test_bench_pipeline_measures_both_paths():
     r = bench.bench_pipeline("fmnist", n_images=4, shards=2)
     assert r["rows"] == 4 * 2 * 2  # (clean, fgsm 8) x (none, pixeldefend) per image
     assert r["pipeline_s"] > 0 and r["bare_s"] > 0
+
+
+def test_adaptive_alone_purifies_only_what_it_needs_and_agrees():
+    from dataclasses import asdict
+
+    import numpy as np
+
+    local_ray()
+    shards = [[0, 1, 2]]
+    plain = pipeline.resolve(pipeline.EvalConfig(**{**CFG, "defenses": ["none"]}))
+    batch = pipeline.AttackStage(asdict(plain), shards, None)({"shard": np.array([0])})
+    scored = pd.DataFrame(pipeline.PurifierStage(asdict(plain))(batch))
+    threshold = float(scored.bpd_input.median())  # half the images below, half above
+    rows = {}
+    for defenses in (["pixeldefend", "adaptive"], ["adaptive"]):
+        cfg = pipeline.resolve(pipeline.EvalConfig(**{**CFG, "defenses": defenses,
+                                                      "adaptive_threshold": threshold}))
+        out = pd.DataFrame(pipeline.PurifierStage(asdict(cfg))(batch))
+        rows[len(defenses)] = out[out.defense == "adaptive"].drop(
+            columns=["seconds", "purifier"]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(rows[1], rows[2])
+    assert (rows[1].eps_defend == 0).any() and (rows[1].eps_defend > 0).any()
