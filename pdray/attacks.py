@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pdray.errors import PdrayError
+from pdray.errors import PdrayError, parse_choice
 
 
 class Attack(str, Enum):
@@ -36,11 +36,7 @@ class Attack(str, Enum):
 
 
 def parse_attack(name: str | Attack) -> Attack:
-    try:
-        return Attack(name)
-    except ValueError:
-        raise PdrayError(f"Unknown attack {name!r}: choose from "
-                         f"{', '.join(a.value for a in Attack)}.") from None
+    return parse_choice(Attack, name, "attack")
 
 
 def check_eps(eps: int, what: str = "eps_attack") -> int:

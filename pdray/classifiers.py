@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pdray.errors import PdrayError
+from pdray.errors import parse_choice
 
 
 class Arch(str, Enum):
@@ -103,11 +103,7 @@ class VGG(nn.Module):
 
 
 def parse_arch(name: str | Arch) -> Arch:
-    try:
-        return Arch(name)
-    except ValueError:
-        raise PdrayError(f"Unknown classifier architecture {name!r}: choose one of "
-                         f"{', '.join(a.value for a in Arch)}.") from None
+    return parse_choice(Arch, name, "classifier architecture")
 
 
 def build(arch: str | Arch, shape: tuple[int, int, int], mean: list[float],

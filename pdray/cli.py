@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from pdray.errors import PdrayError
+from pdray.errors import PdrayError, parse_choice
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="PixelDefend on Ray: attacks, PixelCNN density, purification, evaluation.")
@@ -115,8 +115,7 @@ def purify_cmd(input: Path = typer.Option(..., "--input", help="uint8 NHWC .npy 
         raise PdrayError(f"Cannot read {input} as a .npy array ({e}).") from None
     purify.check_images(images)
     purify.eps_per_image(eps_defend, 1)
-    if method not in ("fast", "reference"):
-        raise PdrayError(f"Unknown method {method!r}: choose fast or reference.")
+    method = parse_choice(purify.Method, method, "method")
     name = model or {1: "fmnist-pixelcnn", 3: "cifar10-pixelcnn"}.get(images.shape[-1])
     if name is None:
         raise PdrayError(f"No shipped PixelCNN takes {images.shape[-1]}-channel images.")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pdray.errors import PdrayError
+from pdray.errors import PdrayError, parse_choice
 
 
 class Dataset(str, Enum):
@@ -99,11 +99,7 @@ def cache_dir() -> Path:
 
 
 def parse_dataset(name: str | Dataset) -> Dataset:
-    try:
-        return Dataset(name)
-    except ValueError:
-        raise PdrayError(f"Unknown dataset {name!r}: choose one of "
-                         f"{', '.join(d.value for d in Dataset)}.") from None
+    return parse_choice(Dataset, name, "dataset")
 
 
 def load(dataset: str | Dataset, data_dir: str | Path | None = None) -> Data:

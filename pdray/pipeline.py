@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pdray import attacks, data, zoo
-from pdray.errors import PdrayError
+from pdray.errors import PdrayError, parse_choice
 from pdray.files import atomic_write
 
 # One row per (image, classifier, attack, eps_attack, defense).
@@ -107,11 +107,7 @@ def resolve(cfg: EvalConfig) -> EvalConfig:
     cfg.eps_attack = [attacks.check_eps(e) for e in (cfg.eps_attack or DEFAULT_EPS_ATTACK[ds])]
     cfg.eps_defend = attacks.check_eps(
         DEFAULT_EPS_DEFEND[ds] if cfg.eps_defend is None else cfg.eps_defend, "eps_defend")
-    try:
-        cfg.defenses = [Defense(d).value for d in cfg.defenses]
-    except ValueError:
-        raise PdrayError(f"Unknown defense in {cfg.defenses}: choose from "
-                         f"{', '.join(d.value for d in Defense)}.") from None
+    cfg.defenses = [parse_choice(Defense, d, "defense").value for d in cfg.defenses]
     cfg.classifiers = cfg.classifiers or [f"{ds.value}-resnet-normal"]
     for name in cfg.classifiers:
         e = zoo.entry(name)

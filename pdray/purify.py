@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pdray.errors import PdrayError
+from pdray.errors import PdrayError, parse_choice
 from pdray.pixelcnn import PixelCNN, concat_elu
 
 
@@ -214,7 +214,7 @@ def pixeldefend(model: PixelCNN, images: np.ndarray, eps_defend, *,
     per image. ``on_batch(n)`` is called after each batch of n images (progress bars)."""
     check_images(images, model.config.channels)
     eps = eps_per_image(eps_defend, len(images))
-    run = fast_batch if Method(method) is Method.FAST else reference_batch
+    run = fast_batch if parse_choice(Method, method, "method") is Method.FAST else reference_batch
     device = next(model.parameters()).device
     out = images.copy()
     for start in range(0, len(images), batch_size):
