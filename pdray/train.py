@@ -180,6 +180,7 @@ def classifier_loop(config: dict) -> None:
     cfg = ClassifierConfig(**config)
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed)
+    torch.set_flush_denormal(True)  # as in pixelcnn_loop
     d = data.load(cfg.dataset, cfg.data_dir)
     train_x, train_y = d.fit.images, d.fit.labels
     mean = (train_x.reshape(-1, train_x.shape[-1]).mean(0)).tolist()
@@ -294,6 +295,8 @@ def pixelcnn_loop(config: dict) -> None:
     cfg = PixelCNNConfig(**config)
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed)
+    # Subnormal floats (after a loss spike, say) make CPU kernels several times slower.
+    torch.set_flush_denormal(True)
     d = data.load(cfg.dataset, cfg.data_dir)
     model = pixelcnn.PixelCNN(cfg.model_config()).to(device)
     def ema_avg(averaged, current, n):
