@@ -18,7 +18,6 @@ leaves an image untouched, which is how adaptive PixelDefend skips likely images
 
 from __future__ import annotations
 
-import math
 from enum import Enum
 from typing import Callable
 
