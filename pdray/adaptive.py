@@ -43,7 +43,7 @@ def choose_threshold(dataset: str, classifier: str | None = None, pixelcnn: str 
     eps_defend = attacks.check_eps(DEFAULT_EPS_DEFEND[ds] if eps_defend is None else eps_defend,
                                    "eps_defend")
     attack_names = [attacks.parse_attack(a).value for a in
-                    (attack_names or [a.value for a in attacks.Attack])]
+                    (attack_names or attacks.PAPER_ATTACKS)]
     eps_attack = [attacks.check_eps(e) for e in (eps_attack or DEFAULT_EPS_ATTACK[ds])]
     val = data.load(ds, data_dir).validation
     if not 1 <= n_images <= len(val.labels):

@@ -176,7 +176,10 @@ def eval_cmd(dataset: str = typer.Option("fmnist", "--dataset"),
              data_dir: Optional[Path] = DataDir,
              n_images: int = typer.Option(64, "--n-images"),
              shards: int = typer.Option(4, "--shards"),
-             attacks: str = typer.Option("rand,fgsm,bim,deepfool,cw", "--attacks"),
+             attacks: str = typer.Option(
+                 "rand,fgsm,bim,deepfool,cw", "--attacks",
+                 help="Comma list of rand, fgsm, bim, deepfool, cw and bpda (BPDA through "
+                      "PixelDefend, not in the paper's table)."),
              eps_attack: Optional[str] = typer.Option(
                  None, "--eps-attack", help="Comma list; default: the paper's for the dataset."),
              eps_defend: Optional[int] = typer.Option(None, "--eps-defend"),

@@ -9,7 +9,8 @@ one Parquet file per shard. The one module that imports ray.data.
 
 Clean and RAND images do not depend on the classifier, so they travel once with
 classifier "*" and are purified once; the purifier classifies each defended image with
-every classifier it concerns. Writing on the driver, one file per shard replaced with
+every classifier it concerns. The adaptive BPDA attack needs the purifier, so the purifier
+stage makes those images from the clean ones it receives. Writing on the driver, one file per shard replaced with
 os.replace, makes a shard rerun atomic and duplicate-free whatever Ray retried.
 """
 
@@ -68,7 +69,7 @@ class EvalConfig:
     dataset: str = "fmnist"
     n_images: int = 64
     shards: int = 4
-    attacks: list[str] = field(default_factory=lambda: [a.value for a in attacks.Attack])
+    attacks: list[str] = field(default_factory=lambda: list(attacks.PAPER_ATTACKS))
     eps_attack: list[int] | None = None      # default: the paper's, per dataset
     eps_defend: int | None = None            # default: the paper's, per dataset
     classifiers: list[str] | None = None     # default: the dataset's normal ResNet
@@ -164,6 +165,8 @@ class AttackStage:
             images, labels = self.test.images[ids], self.test.labels[ids]
             emit(shard, ids, SHARED, "clean", 0, images, 0.0)
             for attack in cfg.attacks:
+                if attack == attacks.Attack.BPDA.value:
+                    continue  # made by the purifier stage, which holds the defense
                 targets = [SHARED] if attack == "rand" else cfg.classifiers
                 for name in targets:
                     t = time.perf_counter()
@@ -204,7 +207,10 @@ class PurifierStage:
         from pdray import detect, purify
         from pdray.evaluate import bits_per_dim, predict
 
-        cfg, images = self.cfg, batch["image"]
+        cfg = self.cfg
+        if attacks.Attack.BPDA.value in cfg.attacks:
+            batch = self._with_bpda(batch)
+        images = batch["image"]
         n, dims = len(images), int(np.prod(images.shape[1:]))
         t = time.perf_counter()
         bpd_in = bits_per_dim(self.pixelcnn, images)
@@ -257,6 +263,34 @@ class PurifierStage:
                         cols[k].append(v)
         return {k: np.asarray(v, dtype=object if k.startswith("image_") else None)
                 for k, v in cols.items()}
+
+
+    def _with_bpda(self, batch: dict) -> dict:
+        """Append the BPDA images of this batch's clean images, one per classifier and
+        eps_attack. BPDA attacks PixelDefend at eps_defend, so it runs here, beside the
+        PixelCNN (and its GPU); the rows then go through every defense like any attack."""
+        from pdray import purify
+
+        cfg = self.cfg
+        clean = np.nonzero(batch["attack"] == "clean")[0]
+        if not len(clean):
+            return batch
+        images, labels = batch["image"][clean], batch["label"][clean]
+        defend = lambda x: purify.pixeldefend(  # noqa: E731
+            self.pixelcnn, x, cfg.eps_defend, batch_size=cfg.purify_batch)
+        parts, n = [batch], len(clean)
+        for name, model in self.models.items():
+            t = time.perf_counter()
+            advs = attacks.attack_many(attacks.Attack.BPDA, model, images, labels,
+                                       cfg.eps_attack, defend=defend)
+            seconds = (time.perf_counter() - t) / len(cfg.eps_attack) / n
+            for eps, adv in zip(cfg.eps_attack, advs):
+                parts.append({"shard": batch["shard"][clean], "image_id": batch["image_id"][clean],
+                              "classifier": np.full(n, name, dtype=object),
+                              "attack": np.full(n, attacks.Attack.BPDA.value, dtype=object),
+                              "eps_attack": np.full(n, eps), "label": labels, "image": adv,
+                              "attack_seconds": np.full(n, seconds)})
+        return {k: np.concatenate([p[k] for p in parts]) for k in batch}
 
 
 # ---- the run -------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from pdray import attacks
+from pdray import attacks, purify
 from pdray.errors import PdrayError
 from conftest import tiny_classifier
 
@@ -13,23 +13,24 @@ def test_attack_invariants(name, eps_attack, samples, request):
     images, labels = request.getfixturevalue(samples)
     images, labels = images[:6], labels[:6]
     model = tiny_classifier(images.shape[-1])
-    adv = attacks.attack(name, model, images, labels, eps_attack,
-                         cw_steps=10, cw_binary_search_steps=2, deepfool_steps=10)
+    adv = attacks.attack(name, model, images, labels, eps_attack, cw_steps=10,
+                         cw_binary_search_steps=2, deepfool_steps=10,
+                         defend=purify.feature_squeeze)  # the defense BPDA attacks through
     assert adv.dtype == np.uint8 and adv.shape == images.shape
     delta = adv.astype(np.int16) - images.astype(np.int16)
     assert np.abs(delta).max() <= eps_attack  # inside the eps ball, integer pixels
-    assert np.abs(delta).max() > 0  # and it did something
+    # and it did something (BPDA leaves images the defended model already gets wrong alone)
+    assert np.abs(delta).max() > 0 or name == "bpda"
     if name in ("fgsm",):
         # FGSM moves every sub-pixel by exactly eps unless a bound clips it.
         clipped = (images.astype(int) + eps_attack > 255) | (images.astype(int) - eps_attack < 0)
         assert np.all((np.abs(delta) == eps_attack) | clipped)
 
 
-def test_attacks_lower_accuracy_of_a_trained_model(fmnist_samples):
-    """Gradient attacks must hurt: train the tiny model to fit 20 images, then attack."""
+def fitted_classifier(images, labels):
+    """The tiny model trained to fit the 20 sample images."""
     import torch
 
-    images, labels = fmnist_samples
     model = tiny_classifier(1).train()
     opt = torch.optim.Adam(model.parameters(), 1e-2)
     x = torch.from_numpy(images.transpose(0, 3, 1, 2)).float()
@@ -37,13 +38,36 @@ def test_attacks_lower_accuracy_of_a_trained_model(fmnist_samples):
     for _ in range(60):
         loss = torch.nn.functional.cross_entropy(model(x), y)
         opt.zero_grad(), loss.backward(), opt.step()
-    model.eval()
+    return model.eval()
+
+
+def test_attacks_lower_accuracy_of_a_trained_model(fmnist_samples):
+    """Gradient attacks must hurt: train the tiny model to fit 20 images, then attack."""
     from pdray.evaluate import predict
+
+    images, labels = fmnist_samples
+    model = fitted_classifier(images, labels)
 
     assert (predict(model, images) == labels).mean() == 1.0
     for name in ("fgsm", "bim"):
         adv = attacks.attack(name, model, images, labels, 32)
         assert (predict(model, adv) == labels).mean() < 0.5, name
+
+
+def test_bpda_breaks_a_defense_that_fgsm_only_weakens(fmnist_samples):
+    """BPDA aims at the classifier behind the defense, and stops moving an image once the
+    defended image is misclassified; it needs a defense to aim through."""
+    from pdray.evaluate import predict
+
+    images, labels = fmnist_samples
+    model = fitted_classifier(images, labels)
+    squeezed_acc = lambda x: (predict(model, purify.feature_squeeze(x)) == labels).mean()  # noqa: E731
+    adv = attacks.attack("bpda", model, images, labels, 16, defend=purify.feature_squeeze)
+    assert squeezed_acc(adv) < 0.5
+    assert squeezed_acc(adv) <= squeezed_acc(attacks.attack("fgsm", model, images, labels, 16))
+    assert np.abs(adv.astype(int) - images.astype(int)).max() <= 16
+    with pytest.raises(PdrayError, match="needs a defense"):
+        attacks.attack("bpda", model, images, labels, 16)
 
 
 def test_rand_is_seeded_integer_noise(fmnist_samples):

@@ -142,3 +142,33 @@ def test_adaptive_alone_purifies_only_what_it_needs_and_agrees():
             columns=["seconds", "purifier"]).reset_index(drop=True)
     pd.testing.assert_frame_equal(rows[1], rows[2])
     assert (rows[1].eps_defend == 0).any() and (rows[1].eps_defend > 0).any()
+
+
+def test_bpda_rows_are_made_by_the_purifier_and_reported_apart():
+    """The attack stage leaves BPDA to the purifier stage, which attacks PixelDefend with
+    each clean image; the reducer shows it after STRONGEST, which leaves it out."""
+    from dataclasses import asdict
+
+    import numpy as np
+
+    local_ray()
+    cfg = pipeline.resolve(pipeline.EvalConfig(**{**CFG, "attacks": ["fgsm", "bpda"],
+                                                  "eps_attack": [8],
+                                                  "defenses": ["none", "pixeldefend"]}))
+    batch = pipeline.AttackStage(asdict(cfg), [[0, 1, 2]], None)({"shard": np.array([0])})
+    assert set(batch["attack"]) == {"clean", "fgsm"}
+    df = pd.DataFrame(pipeline.PurifierStage(asdict(cfg))(batch))
+    assert len(df) == 3 * pipeline.rows_per_image(cfg)
+    assert not df.duplicated(pipeline.KEY).any()
+    bpda = df[df.attack == "bpda"].sort_values(["defense", "image_id"])
+    assert set(bpda.defense) == {"none", "pixeldefend"} and (bpda.eps_attack == 8).all()
+    clean = df[(df.attack == "clean") & (df.defense == "none")].sort_values("image_id")
+    for a, x in zip(bpda[bpda.defense == "none"].image_input, clean.image_input):
+        delta = np.frombuffer(a, np.uint8).astype(int) - np.frombuffer(x, np.uint8).astype(int)
+        assert np.abs(delta).max() <= 8
+    long = report.accuracy_long(df)
+    strongest = long[(long.attack == "strongest") & (long.defense == "pixeldefend")]
+    fgsm = long[(long.attack == "fgsm") & (long.defense == "pixeldefend")]
+    assert strongest.accuracy.tolist() == fgsm.accuracy.tolist()
+    header = report.table1_markdown(long).splitlines()[0]
+    assert header.endswith("| STRONGEST | WORST CASE | BPDA |")
