@@ -356,7 +356,7 @@ def prepare_out(cfg: EvalConfig, opts: RunOptions, shards: list[list[int]]) -> P
     from pdray.detect import train_log_likelihoods
 
     run.update(versions=_versions(), train_logp_n=len(train_log_likelihoods(cfg.pixelcnn)),
-               command=sys.argv)
+               command=_command())
     if not path.exists():
         atomic_write(path, lambda tmp: tmp.write_text(json.dumps(run, indent=2) + "\n"))
     return out
@@ -372,6 +372,27 @@ def _check_models(cfg: EvalConfig) -> None:
     train_log_likelihoods(cfg.pixelcnn)
 
 
+HISTORY = "history.jsonl"
+
+
+def _command() -> list[str]:
+    """This process's command line, with the program's folder left out."""
+    return [Path(sys.argv[0]).name, *sys.argv[1:]]
+
+
+def record_history(out: Path, entry: dict) -> None:
+    """Append one finished invocation (command, shards, wall time) to OUT/history.jsonl,
+    so a results folder tells how it was made and how long that took, across resumes."""
+    path = out / HISTORY
+    old = path.read_text() if path.exists() else ""
+    atomic_write(path, lambda tmp: tmp.write_text(old + json.dumps(entry) + "\n"))
+
+
+def read_history(out: Path) -> list[dict]:
+    path = Path(out) / HISTORY
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
 def _log(message: str) -> None:
     print(message, flush=True)
 
@@ -383,6 +404,7 @@ def run(cfg: EvalConfig, opts: RunOptions, log=_log) -> Path:
 
     from pdray.cluster import gpus_available, init_ray, require_gpus
 
+    started = time.time()
     cfg = resolve(cfg)
     d = data.load(cfg.dataset, opts.data_dir)
     shards = [s.tolist() for s in data.shard_indices(cfg.n_images, cfg.shards,
@@ -435,4 +457,8 @@ def run(cfg: EvalConfig, opts: RunOptions, log=_log) -> Path:
                     f"{len(expected)} to go")
     if expected:
         raise PdrayError(f"shards {sorted(expected)} came back incomplete; rerun with --resume.")
+    record_history(out, {"command": _command(), "shards": todo, "purifiers": num_purifiers,
+                         "gpus": gpus, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z",
+                                                                time.localtime(started)),
+                         "wall_time_s": round(time.time() - started, 1)})
     return out

@@ -162,6 +162,8 @@ def figures(df: pd.DataFrame, run: dict, folder: Path) -> dict:
 def report(out: str | Path) -> str:
     """Write OUT/report/{table1.md, table1.csv, pvalues.png, roc.png, samples.png,
     report.md}; returns the Table 1 markdown."""
+    from pdray.pipeline import read_history
+
     out = Path(out)
     df, run = load_results(out)
     folder = out / "report"
@@ -182,6 +184,10 @@ def report(out: str | Path) -> str:
           "image only if it survives every attack at that eps_attack. Both cover the paper's "
           "attacks only; BPDA (Athalye et al. 2018, made against PixelDefend at eps_defend) "
           "comes after them when the run has it.", "",
+          "## How it was made", "",
+          "| command | shards | wall time (s) |", "|---|---|---|",
+          *[f"| `{' '.join(h['command'])}` | {len(h['shards'])} | {h['wall_time_s']:.0f} |"
+            for h in read_history(out)], "",
           "## Detection (Claim 1)", "",
           "| input | AUC vs clean training images |", "|---|---|",
           *[f"| {k} | {v:.3f} |" for k, v in figs["aucs"].items()], "",

@@ -43,6 +43,9 @@ def test_rows_and_layout(full_run):
     run = json.loads((full_run / "run.json").read_text())
     assert run["config"]["eps_attack"] == [4, 8] and "torch" in run["versions"]
     assert set(run["models"]) == {"fmnist-resnet-normal", "fmnist-pixelcnn"}
+    history = pipeline.read_history(full_run)
+    assert history[0]["shards"] == [0, 1, 2] and history[0]["wall_time_s"] > 0
+    assert "/" not in history[0]["command"][0]
     # PixelDefend stays inside its ball and lowers bits/dim on attacked images.
     pd_rows = df[(df.defense == "pixeldefend") & (df.attack == "fgsm")]
     assert (pd_rows.bpd_defended < pd_rows.bpd_input).mean() > 0.9
@@ -80,6 +83,7 @@ def test_report(full_run, capsys):
     attacks_only = csv[csv.attack.isin(["rand", "fgsm"])]
     assert (strongest == attacks_only.groupby(["defense", "eps_attack"]).accuracy.min()).all()
     assert "| ResNet | Normal + PixelDefend |" in table
+    assert "wall time" in (folder / "report.md").read_text()
 
 
 @pytest.mark.parametrize("change,message", [
