@@ -104,17 +104,27 @@ def load(name_or_path: str | Path, device: torch.device | str = "cpu") -> tuple[
     return build(ckpt).to(device), ckpt
 
 
+FLOAT32_LIMIT_MB = 25.0  # larger weights ship in float16 (the VGG's 12.8M parameters)
+
+
 def export(ckpt: dict, name: str, epochs: int, wall_time_s: float) -> dict:
-    """Ship a trained model: write weights/<name>.pt and its manifest entry, atomically."""
+    """Ship a trained model: write weights/<name>.pt and its manifest entry, atomically.
+    Weights over FLOAT32_LIMIT_MB are stored in float16 to keep the repository small;
+    loading copies them into the float32 model, and the manifest says "stored_as"."""
     weights_dir().mkdir(parents=True, exist_ok=True)
     path = weights_dir() / f"{name}.pt"
+    state = ckpt["state_dict"]
+    size_mb = sum(t.numel() * t.element_size() for t in state.values()) / 2**20
+    stored_as = "float16" if size_mb > FLOAT32_LIMIT_MB else "float32"
+    if stored_as == "float16":
+        ckpt = {**ckpt, "state_dict": {k: t.half() if t.is_floating_point() else t
+                                       for k, t in state.items()}}
     atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
     new = {"name": name, "dataset": ckpt["dataset"], "kind": ckpt["kind"], "arch": ckpt["arch"],
            "recipe": ckpt.get("recipe"), "epochs": epochs, "wall_time_s": round(wall_time_s, 1),
            "metrics": ckpt["metrics"], "config": ckpt["config"],
            **({"train_config": ckpt["train_config"]} if "train_config" in ckpt else {}),
-           "sha256": sha256(path),
-           "file": path.name}
+           "stored_as": stored_as, "sha256": sha256(path), "file": path.name}
     _write_manifest([e for e in manifest() if e["name"] != name] + [new])
     return new
 

@@ -30,3 +30,25 @@ def test_vgg_follows_appendix_g():
 def test_inputs_are_pixels_normalised_inside():
     m = classifiers.build("resnet", (28, 28, 1), [100.0], [50.0]).eval()
     assert torch.allclose(m.normalize(torch.full((1, 1, 2, 2), 150.0)), torch.ones(1, 1, 2, 2))
+
+
+def test_large_weights_ship_in_float16_and_load_into_float32(tmp_path, monkeypatch, fmnist_samples):
+    import numpy as np
+
+    from pdray import zoo
+    from pdray.evaluate import predict
+    from conftest import tiny_classifier
+
+    monkeypatch.setenv("PDRAY_WEIGHTS_DIR", str(tmp_path))
+    monkeypatch.setattr(zoo, "FLOAT32_LIMIT_MB", 0.0)
+    model = tiny_classifier(1)
+    entry = zoo.export({"kind": "classifier", "dataset": "fmnist", "arch": "resnet",
+                        "recipe": "normal", "arch_options": {"units": 1}, "config": {},
+                        "metrics": {}, "state_dict": model.state_dict()},
+                       "fmnist-resnet-half", epochs=0, wall_time_s=0.0)
+    assert entry["stored_as"] == "float16"
+    loaded, ckpt = zoo.load("fmnist-resnet-half")
+    assert ckpt["state_dict"]["stem.weight"].dtype == torch.float16
+    assert next(loaded.parameters()).dtype == torch.float32
+    images, _ = fmnist_samples
+    assert (predict(loaded, images) == predict(model, images)).mean() >= 0.9
