@@ -9,6 +9,7 @@ earlier machine, say). Each epoch reports the test metric and a checkpoint.
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -73,9 +74,10 @@ def lr_at(step: int, total: int, base: float, warmup: int) -> float:
     return 0.5 * base * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def start_state(resume_from: str | None) -> dict | None:
+def start_state(resume_from: str | None, driver_cwd: str = ".") -> dict | None:
     """The training state to continue from: Ray's last checkpoint of this run, else the
-    file named by resume_from, else None (a fresh start)."""
+    file named by resume_from (relative to the driver's folder: Ray Train workers run
+    elsewhere), else None (a fresh start)."""
     import ray.train
 
     ckpt = ray.train.get_checkpoint()
@@ -83,7 +85,7 @@ def start_state(resume_from: str | None) -> dict | None:
         with ckpt.as_directory() as d:
             return torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
     if resume_from:
-        return torch.load(resume_from, map_location="cpu", weights_only=True)
+        return torch.load(Path(driver_cwd) / resume_from, map_location="cpu", weights_only=True)
     return None
 
 
@@ -137,6 +139,9 @@ def fit(loop, config: dict, name: str, scaling: Scaling):
 
     from pdray.cluster import init_ray, require_gpus
 
+    resume_from = config.get("resume_from")
+    if resume_from and not Path(resume_from).is_file():
+        raise PdrayError(f"--resume-from {resume_from}: no such training-state file.")
     init_ray()
     if scaling.use_gpu:
         require_gpus(scaling.num_workers)
@@ -145,7 +150,7 @@ def fit(loop, config: dict, name: str, scaling: Scaling):
         Path(runs).mkdir(parents=True, exist_ok=True)
         runs = str(Path(runs).resolve())
     trainer = TorchTrainer(
-        loop, train_loop_config=config,
+        loop, train_loop_config={**config, "driver_cwd": os.getcwd()},
         scaling_config=ScalingConfig(
             num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
             resources_per_worker={"CPU": scaling.cpus_per_worker,
@@ -177,6 +182,7 @@ def classifier_loop(config: dict) -> None:
     """One Ray Train worker's training of a classifier with one of the Table 1 recipes."""
     import ray.train.torch
 
+    driver_cwd = config.pop("driver_cwd", ".")
     cfg = ClassifierConfig(**config)
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed)
@@ -188,7 +194,7 @@ def classifier_loop(config: dict) -> None:
     model = classifiers.build(cfg.arch, data.SHAPE[d.dataset], mean, std)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True,
                           weight_decay=cfg.weight_decay)
-    state = start_state(cfg.resume_from)
+    state = start_state(cfg.resume_from, driver_cwd)
     epoch, step, wall = 0, 0, 0.0
     if state is not None:
         model.load_state_dict(state["model"])
@@ -292,6 +298,7 @@ def pixelcnn_loop(config: dict) -> None:
 
     from pdray import pixelcnn
 
+    driver_cwd = config.pop("driver_cwd", ".")
     cfg = PixelCNNConfig(**config)
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed)
@@ -305,7 +312,7 @@ def pixelcnn_loop(config: dict) -> None:
 
     ema = AveragedModel(model, avg_fn=ema_avg, use_buffers=True)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    state = start_state(cfg.resume_from)
+    state = start_state(cfg.resume_from, driver_cwd)
     step, wall = 0, 0.0
     if state is not None:
         model.load_state_dict(state["train_model"])
@@ -317,6 +324,27 @@ def pixelcnn_loop(config: dict) -> None:
     forward = torch.compile(model) if cfg.compile else model
     train_x = d.fit.images
     per_epoch = len(train_x) // cfg.batch_size
+
+    def checkpoint(train_bpd: float | None) -> None:
+        n_eval = min(cfg.eval_images, len(d.test.labels))
+        bpd = float(bits_per_dim(ema.module.eval(), d.test.images[:n_eval]).mean())
+        bpd_raw = float(bits_per_dim(core.eval(), d.test.images[:n_eval]).mean())
+        metrics = {"test_bpd": bpd, "test_bpd_raw": bpd_raw, "eval_images": n_eval,
+                   "step": step, "epoch": step / per_epoch, "train_bpd": train_bpd,
+                   "wall_time_s": wall}
+        print(f"step {step}: test bpd {bpd:.4f} (averaged weights), {bpd_raw:.4f} "
+              f"(last weights) on {n_eval} images", flush=True)
+        report(metrics, {"kind": "pixelcnn", "dataset": cfg.dataset, "arch": "pixelcnn",
+                         "recipe": None, "config": asdict(cfg.model_config()),
+                         "train_config": asdict(cfg), "metrics": metrics,
+                         "model": ema.module.state_dict(), "train_model": core.state_dict(),
+                         "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+                         "epoch": round(step / per_epoch, 3), "step": step,
+                         "wall_time_s": wall})
+
+    if step >= cfg.steps:  # a saved state at or past --steps: report it as is, to ship it
+        checkpoint(state["metrics"].get("train_bpd"))
+        return
     t0 = time.time()
     while step < cfg.steps:
         epoch, s = divmod(step, per_epoch)
@@ -341,22 +369,7 @@ def pixelcnn_loop(config: dict) -> None:
                 t0 = time.time()
             if step % cfg.report_every == 0 or step == cfg.steps:
                 wall += time.time() - t0
-                n_eval = min(cfg.eval_images, len(d.test.labels))
-                bpd = float(bits_per_dim(ema.module.eval(), d.test.images[:n_eval]).mean())
-                bpd_raw = float(bits_per_dim(core.eval(), d.test.images[:n_eval]).mean())
-                metrics = {"test_bpd": bpd, "test_bpd_raw": bpd_raw, "eval_images": n_eval,
-                           "step": step,
-                           "epoch": step / per_epoch, "train_bpd": loss.item(), "wall_time_s": wall}
-                print(f"step {step}: test bpd {bpd:.4f} (averaged weights), {bpd_raw:.4f} "
-                      f"(last weights) on {n_eval} images", flush=True)
-                report(metrics, {"kind": "pixelcnn", "dataset": cfg.dataset, "arch": "pixelcnn",
-                                 "recipe": None, "config": asdict(cfg.model_config()),
-                                 "train_config": asdict(cfg), "metrics": metrics,
-                                 "model": ema.module.state_dict(),
-                                 "train_model": core.state_dict(),
-                                 "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-                                 "epoch": round(step / per_epoch, 3), "step": step,
-                                 "wall_time_s": wall})
+                checkpoint(loss.item())
                 t0 = time.time()
             if step >= cfg.steps:
                 break

@@ -37,3 +37,8 @@ def test_pixelcnn_trains_and_resumes(ray_local, tmp_path):
     cfg.steps = 4
     second = train.train_pixelcnn(cfg, scaling)
     assert second["metrics"]["step"] == 4
+    # A saved state at or past --steps is reported as it is (how a chosen checkpoint ships).
+    state = sorted((tmp_path / cfg.name).glob("checkpoint_*/state.pt"))[-1]
+    cfg.steps, cfg.resume_from = 3, str(state)
+    third = train.train_pixelcnn(cfg, train.Scaling(runs_dir=str(tmp_path / "again")))
+    assert third["metrics"]["step"] == 4 and third["wall_time_s"] == second["wall_time_s"]
