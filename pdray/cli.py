@@ -281,6 +281,7 @@ def train_pixelcnn(
         steps: int = typer.Option(6000, "--steps", help="Total steps; raise and rerun to go on."),
         batch_size: int = typer.Option(64, "--batch-size"),
         lr: float = typer.Option(1e-3, "--lr"),
+        grad_clip: float = typer.Option(10.0, "--grad-clip", help="Max gradient norm; 0: off."),
         report_every: int = typer.Option(300, "--report-every"),
         eval_images: int = typer.Option(1000, "--eval-images"),
         data_dir: Optional[Path] = DataDir,
@@ -296,7 +297,7 @@ def train_pixelcnn(
 
     cfg = train.PixelCNNConfig(dataset=dataset, filters=filters, blocks=blocks, dropout=dropout,
                                compile=compile,
-                               steps=steps, batch_size=batch_size, lr=lr,
+                               steps=steps, batch_size=batch_size, lr=lr, grad_clip=grad_clip,
                                report_every=report_every, eval_images=eval_images,
                                data_dir=str(data_dir) if data_dir else None,
                                resume_from=str(resume_from) if resume_from else None)
