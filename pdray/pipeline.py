@@ -9,9 +9,9 @@ one Parquet file per shard. The one module that imports ray.data.
 
 Clean and RAND images do not depend on the classifier, so they travel once with
 classifier "*" and are purified once; the purifier classifies each defended image with
-every classifier it concerns. The adaptive BPDA attack needs the purifier, so the purifier
-stage makes those images from the clean ones it receives. Writing on the driver, one file per shard replaced with
-os.replace, makes a shard rerun atomic and duplicate-free whatever Ray retried.
+every classifier it concerns. The adaptive BPDA attack needs the purifier, so the
+purifier stage makes those images from the clean ones it receives. Writing on the driver,
+one file per shard replaced with os.replace, makes a shard rerun atomic and duplicate-free whatever Ray retried.
 """
 
 from __future__ import annotations
@@ -263,7 +263,6 @@ class PurifierStage:
                         cols[k].append(v)
         return {k: np.asarray(v, dtype=object if k.startswith("image_") else None)
                 for k, v in cols.items()}
-
 
     def _with_bpda(self, batch: dict) -> dict:
         """Append the BPDA images of this batch's clean images, one per classifier and
