@@ -11,7 +11,8 @@ Clean and RAND images do not depend on the classifier, so they travel once with
 classifier "*" and are purified once; the purifier classifies each defended image with
 every classifier it concerns. The adaptive BPDA attack needs the purifier, so the
 purifier stage makes those images from the clean ones it receives. Writing on the driver,
-one file per shard replaced with os.replace, makes a shard rerun atomic and duplicate-free whatever Ray retried.
+one file per shard replaced with os.replace, makes a shard rerun atomic and duplicate-free
+whatever Ray retried.
 """
 
 from __future__ import annotations
