@@ -227,14 +227,17 @@ def report_cmd(out: Path = typer.Argument(..., help="A results folder from `pdra
 
 @bench_app.command("pipeline")
 def bench_pipeline(dataset: str = typer.Option("fmnist", "--dataset"),
-                   n_images: int = typer.Option(32, "--n-images"),
-                   shards: int = typer.Option(4, "--shards"),
+                   n_images: int = typer.Option(512, "--n-images"),
+                   shards: int = typer.Option(16, "--shards"),
+                   attacks: str = typer.Option("fgsm", "--attacks", help="Comma-separated."),
+                   eps_attack: str = typer.Option("8", "--eps-attack", help="Comma-separated."),
                    data_dir: Optional[Path] = DataDir,
                    as_json: bool = typer.Option(False, "--json")):
     """The Ray pipeline's images/s against the bare stage loop, in one run."""
     from pdray import bench
 
-    emit(bench.bench_pipeline(dataset, n_images, shards, data_dir=data_dir), as_json)
+    emit(bench.bench_pipeline(dataset, n_images, shards, tuple(_list(attacks)),
+                              tuple(_list(eps_attack, float)), data_dir=data_dir), as_json)
 
 
 @train_app.command("classifier")

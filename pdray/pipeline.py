@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 from pdray import attacks, data, zoo
 from pdray.errors import PdrayError, parse_choice
 from pdray.files import atomic_write
+from pdray.monitor import PeakMemory
 
 # One row per (image, classifier, attack, eps_attack, defense).
 SCHEMA = pa.schema([
@@ -399,11 +400,6 @@ def _log(message: str) -> None:
 
 def run(cfg: EvalConfig, opts: RunOptions, log=_log) -> Path:
     """Evaluate every requested shard and write its Parquet file; returns OUT."""
-    import ray
-    from ray.data import ActorPoolStrategy, DataContext
-
-    from pdray.cluster import gpus_available, init_ray, require_gpus
-
     started = time.time()
     cfg = resolve(cfg)
     d = data.load(cfg.dataset, opts.data_dir)
@@ -420,6 +416,24 @@ def run(cfg: EvalConfig, opts: RunOptions, log=_log) -> Path:
     if not todo:
         log(f"all {len(shards)} shards of {out} are complete")
         return out
+
+    with PeakMemory() as mem:
+        placement = _evaluate(cfg, opts, shards, todo, out, log)
+    record_history(out, {"command": _command(), "shards": todo, **placement,
+                         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+                         "wall_time_s": round(time.time() - started, 1),
+                         "peak_pss_mb": mem.peak_mb})
+    return out
+
+
+def _evaluate(cfg: EvalConfig, opts: RunOptions, shards: list[list[int]], todo: list[int],
+              out: Path, log) -> dict:
+    """Run the shards in ``todo`` through the actor pools and write each as it completes;
+    returns where the purifiers ran."""
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext
+
+    from pdray.cluster import gpus_available, init_ray, require_gpus
 
     init_ray()
     have = gpus_available()
@@ -457,8 +471,4 @@ def run(cfg: EvalConfig, opts: RunOptions, log=_log) -> Path:
                     f"{len(expected)} to go")
     if expected:
         raise PdrayError(f"shards {sorted(expected)} came back incomplete; rerun with --resume.")
-    record_history(out, {"command": _command(), "shards": todo, "purifiers": num_purifiers,
-                         "gpus": gpus, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z",
-                                                                time.localtime(started)),
-                         "wall_time_s": round(time.time() - started, 1)})
-    return out
+    return {"purifiers": num_purifiers, "gpus": gpus}

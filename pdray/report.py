@@ -185,9 +185,10 @@ def report(out: str | Path) -> str:
           "attacks only; BPDA (Athalye et al. 2018, made against PixelDefend at eps_defend) "
           "comes after them when the run has it.", "",
           "## How it was made", "",
-          "| command | shards | wall time (s) |", "|---|---|---|",
-          *[f"| `{' '.join(h['command'])}` | {len(h['shards'])} | {h['wall_time_s']:.0f} |"
-            for h in read_history(out)], "",
+          "| command | shards | wall time (s) | peak memory (MB, PSS of the driver's process tree) |",
+          "|---|---|---|---|",
+          *[f"| `{' '.join(h['command'])}` | {len(h['shards'])} | {h['wall_time_s']:.0f} | "
+            f"{h.get('peak_pss_mb', '-')} |" for h in read_history(out)], "",
           "## Detection (Claim 1)", "",
           "| input | AUC vs clean training images |", "|---|---|",
           *[f"| {k} | {v:.3f} |" for k, v in figs["aucs"].items()], "",

@@ -46,6 +46,7 @@ def test_rows_and_layout(full_run):
     history = pipeline.read_history(full_run)
     assert history[0]["shards"] == [0, 1, 2] and history[0]["wall_time_s"] > 0
     assert "/" not in history[0]["command"][0]
+    assert history[0]["peak_pss_mb"] > 100  # the driver and its Ray processes
     # PixelDefend stays inside its ball and lowers bits/dim on attacked images.
     pd_rows = df[(df.defense == "pixeldefend") & (df.attack == "fgsm")]
     assert (pd_rows.bpd_defended < pd_rows.bpd_input).mean() > 0.9
@@ -124,6 +125,8 @@ def test_bench_pipeline_measures_both_paths():
     r = bench.bench_pipeline("fmnist", n_images=4, shards=2)
     assert r["rows"] == 4 * 2 * 2  # (clean, fgsm 8) x (none, pixeldefend) per image
     assert r["pipeline_s"] > 0 and r["bare_s"] > 0
+    assert r["extra_s"] == pytest.approx(r["pipeline_s"] - r["bare_s"], abs=0.02)
+    assert r["pipeline_peak_pss_mb"] > 100  # the driver and its Ray processes
 
 
 def test_adaptive_alone_purifies_only_what_it_needs_and_agrees():

@@ -1,0 +1,55 @@
+"""Peak memory of a process and everything it started, for the memory budgets in the README.
+
+A local Ray cluster is the driver's process tree (GCS, raylet, workers, actors), so summing
+over the tree measures all of it. Proportional set size (PSS) splits shared pages between
+the processes that map them, so shared libraries and the object store count once.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import psutil
+
+
+def tree_pss_bytes(root: psutil.Process) -> int:
+    """PSS of ``root`` and its descendants now; processes that exit meanwhile count 0."""
+    total = 0
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            total += p.memory_full_info().pss
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+    return total
+
+
+class PeakMemory:
+    """Samples this process tree's PSS every ``interval`` seconds while the block runs.
+
+        with PeakMemory() as mem:
+            run()
+        mem.peak_mb
+    """
+
+    def __init__(self, interval: float = 0.5):
+        self.interval, self.peak = interval, 0
+        self._root, self._stop = psutil.Process(), threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while True:
+            self.peak = max(self.peak, tree_pss_bytes(self._root))
+            if self._stop.wait(self.interval):
+                return
+
+    def __enter__(self) -> "PeakMemory":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def peak_mb(self) -> float:
+        return round(self.peak / 2**20, 1)
