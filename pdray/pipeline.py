@@ -222,8 +222,8 @@ class PurifierStage:
             # Adaptive alone needs only the images at or above its threshold purified.
             eps = cfg.eps_defend if "pixeldefend" in cfg.defenses else \
                 purify.adaptive_eps(bpd_in, cfg.adaptive_threshold, cfg.eps_defend)
-            purified = purify.pixeldefend(self.pixelcnn, images, eps, batch_size=cfg.purify_batch)
-            bpd_purified = bits_per_dim(self.pixelcnn, purified)
+            purified, bpd_purified = purify.pixeldefend(
+                self.pixelcnn, images, eps, batch_size=cfg.purify_batch, return_bpd=True)
         for d in cfg.defenses:
             if d == "none":
                 defended[d], bpd_def[d], eps_def[d] = images, bpd_in, np.zeros(n, int)

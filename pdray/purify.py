@@ -13,7 +13,9 @@ input. Two implementations make the same decisions:
   Caches hold two rows per convolution, whatever the image size or step count.
 
 Both take and return uint8 NHWC arrays; eps_defend is one value or one per image (0
-leaves an image untouched, which is how adaptive PixelDefend skips likely images).
+leaves an image untouched, which is how adaptive PixelDefend skips likely images). Each
+decision reads the conditional of a sub-pixel whose prefix is final, so the likelihood of
+the purified image comes with it, without another forward pass.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from pdray.errors import PdrayError, parse_choice
+from pdray.evaluate import bits_per_dim
 from pdray.pixelcnn import PixelCNN, concat_elu
 
 
@@ -58,21 +61,28 @@ def _masked_argmax(logits, lo, hi):  # logits (B, 256); lo, hi (B,)
     return logits.masked_fill(~feasible, float("-inf")).argmax(-1)
 
 
+def _log_prob_of(logits, v):  # logits (B, 256), v (B,) -> (B,) log p(v) in nats
+    return F.log_softmax(logits.double(), -1).gather(-1, v[:, None])[:, 0]
+
+
 # ---- reference: Algorithm 1, one full forward pass per sub-pixel -----------------------------
 
 @torch.no_grad()
 def reference_batch(model: PixelCNN, x: torch.Tensor, eps: torch.Tensor,
-                    steps: int | None = None) -> torch.Tensor:
-    """x (B, C, H, W) int64; eps (B,) int64. ``steps`` stops after that many sub-pixels
-    (for timing); the rest are left as they are."""
+                    steps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (B, C, H, W) int64; eps (B,) int64 -> (purified x, its log-likelihood (B,) in
+    nats). ``steps`` stops after that many sub-pixels (for timing); the rest are left as
+    they are and the log-likelihood covers only the decided ones."""
     b, c, h, w = x.shape
     xs = x.clone()
     lo, hi = _bounds(x, eps)
+    logp = torch.zeros(b, dtype=torch.float64, device=x.device)
     order = [(i, j, k) for i in range(h) for j in range(w) for k in range(c)]
     for i, j, k in order[:steps]:
         logits = model(xs)[:, k, i, j]  # Compute the 256-way softmax p_CNN(X*) (line 7)
-        xs[:, k, i, j] = _masked_argmax(logits, lo[:, k, i, j], hi[:, k, i, j])
-    return xs
+        xs[:, k, i, j] = v = _masked_argmax(logits, lo[:, k, i, j], hi[:, k, i, j])
+        logp += _log_prob_of(logits, v)
+    return xs, logp
 
 
 # ---- fast: the same decisions with cached activations ---------------------------------------
@@ -126,12 +136,14 @@ def _row_conv(conv: torch.nn.Conv2d, prev, cur):
 
 
 @torch.no_grad()
-def fast_batch(model: PixelCNN, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+def fast_batch(model: PixelCNN, x: torch.Tensor,
+               eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The decisions of ``reference_batch``, computing each layer once per position."""
     b, c, h, w = x.shape
     dt = model.u_init.weight.dtype
     xs = x.clone()
     lo, hi = _bounds(x, eps)
+    logp = torch.zeros(b, dtype=torch.float64, device=x.device)
     enc = lambda v: PixelCNN.encode(v).to(dt)  # noqa: E731  (B, C, ...) -> (B, C+1, ...)
     zeros_row = torch.zeros(b, c + 1, w, dtype=dt, device=x.device)
     f = model.config.filters
@@ -180,10 +192,11 @@ def fast_batch(model: PixelCNN, x: torch.Tensor, eps: torch.Tensor) -> torch.Ten
                 logits = model.head.channel(hj, k, decided)
                 v = _masked_argmax(logits, lo[:, k, i, j], hi[:, k, i, j])
                 xs[:, k, i, j] = v
+                logp += _log_prob_of(logits, v)
                 decided.append(v)
             from_left = left.step(j, enc(xs[:, :, i, j]))
         x_rows = [x_rows[1], enc(xs[:, :, i])]
-    return xs
+    return xs, logp
 
 
 # ---- the public entry point ----------------------------------------------------------------
@@ -208,24 +221,33 @@ def eps_per_image(eps_defend, n: int) -> np.ndarray:
 
 def pixeldefend(model: PixelCNN, images: np.ndarray, eps_defend, *,
                 method: str | Method = Method.FAST, batch_size: int = 64,
-                on_batch: Callable[[int], None] | None = None) -> np.ndarray:
+                on_batch: Callable[[int], None] | None = None, return_bpd: bool = False):
     """Purify uint8 NHWC ``images`` with Algorithm 1; ``eps_defend`` is one value or one
-    per image. ``on_batch(n)`` is called after each batch of n images (progress bars)."""
+    per image. ``on_batch(n)`` is called after each batch of n images (progress bars).
+    ``return_bpd`` also returns the purified images' bits/dim: from the decoding itself,
+    and from a forward pass for images left alone (eps 0)."""
     check_images(images, model.config.channels)
     eps = eps_per_image(eps_defend, len(images))
     run = fast_batch if parse_choice(Method, method, "method") is Method.FAST else reference_batch
     device = next(model.parameters()).device
-    out = images.copy()
+    out, logp = images.copy(), np.zeros(len(images))
     for start in range(0, len(images), batch_size):
         stop = min(start + batch_size, len(images))
         todo = np.nonzero(eps[start:stop] > 0)[0] + start  # eps 0: nothing to decide
         if len(todo):
             x = torch.from_numpy(images[todo].transpose(0, 3, 1, 2).copy()).long().to(device)
-            xs = run(model, x, torch.from_numpy(eps[todo]).to(device))
+            xs, logp_x = run(model, x, torch.from_numpy(eps[todo]).to(device))
             out[todo] = xs.cpu().numpy().transpose(0, 2, 3, 1).astype(np.uint8)
+            logp[todo] = logp_x.cpu().numpy()
         if on_batch:
             on_batch(stop - start)
-    return out
+    if not return_bpd:
+        return out
+    bpd = -logp / (np.prod(images.shape[1:]) * np.log(2))
+    untouched = eps == 0
+    if untouched.any():
+        bpd[untouched] = bits_per_dim(model, images[untouched])
+    return out, bpd
 
 
 def adaptive_eps(bpd: np.ndarray, threshold: float, eps_defend: int) -> np.ndarray:
