@@ -89,6 +89,11 @@ def start_state(resume_from: str | None, driver_cwd: str = ".") -> dict | None:
     return None
 
 
+def load_data(dataset: str, data_dir: str | None, driver_cwd: str):
+    """The dataset, with a relative data_dir taken from the driver's folder, as resume_from."""
+    return data.load(dataset, Path(driver_cwd) / data_dir if data_dir else None)
+
+
 def report(metrics: dict, state: dict) -> None:
     """Report an epoch's metrics; rank 0 attaches the checkpoint."""
     import ray.train
@@ -187,7 +192,7 @@ def classifier_loop(config: dict) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed)
     torch.set_flush_denormal(True)  # as in pixelcnn_loop
-    d = data.load(cfg.dataset, cfg.data_dir)
+    d = load_data(cfg.dataset, cfg.data_dir, driver_cwd)
     train_x, train_y = d.fit.images, d.fit.labels
     mean = (train_x.reshape(-1, train_x.shape[-1]).mean(0)).tolist()
     std = (train_x.reshape(-1, train_x.shape[-1]).std(0)).tolist()
@@ -306,7 +311,7 @@ def pixelcnn_loop(config: dict) -> None:
     torch.manual_seed(cfg.seed)
     # Subnormal floats (after a loss spike, say) make CPU kernels several times slower.
     torch.set_flush_denormal(True)
-    d = data.load(cfg.dataset, cfg.data_dir)
+    d = load_data(cfg.dataset, cfg.data_dir, driver_cwd)
     model = pixelcnn.PixelCNN(cfg.model_config()).to(device)
     def ema_avg(averaged, current, n):
         decay = min(cfg.ema, (1.0 + float(n)) / (10.0 + float(n)))  # early weights fade fast

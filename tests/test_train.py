@@ -28,6 +28,21 @@ def test_label_smoothing_and_export(ray_local, tmp_path, monkeypatch):
     assert zoo.manifest()[0]["sha256"] == sha256(zoo.weights_dir() / entry["file"])
 
 
+def test_relative_data_dir_is_the_drivers(ray_local, tmp_path, monkeypatch):
+    """Ray Train workers run in another folder; --data-dir relative to where the user is."""
+    import os
+
+    cifar = os.environ["PDRAY_DATA_DIR"]
+    (tmp_path / "c10").symlink_to(os.path.abspath(cifar), target_is_directory=True)
+    monkeypatch.delenv("PDRAY_DATA_DIR")
+    monkeypatch.setenv("PDRAY_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    cfg = train.ClassifierConfig(dataset="cifar10", epochs=1, max_steps=1, batch_size=8,
+                                 eval_images=20, data_dir="c10")
+    result = train.train_classifier(cfg, train.Scaling(runs_dir=str(tmp_path / "runs")))
+    assert result["metrics"]["eval_images"] == 20
+
+
 def test_pixelcnn_trains_and_resumes(ray_local, tmp_path):
     scaling = train.Scaling(runs_dir=str(tmp_path))
     cfg = train.PixelCNNConfig(dataset="fmnist", filters=8, blocks=1, steps=2, batch_size=8,
