@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pdray import paper
 from pdray.errors import PdrayError
 from pdray.files import atomic_write
 
@@ -61,7 +62,9 @@ def accuracy_long(df: pd.DataFrame) -> pd.DataFrame:
     return table.sort_values(keys + ["attack", "eps_attack"]).reset_index(drop=True)
 
 
-def table1_markdown(long: pd.DataFrame) -> str:
+def table1_markdown(long: pd.DataFrame, paper_dataset: str | None = None) -> str:
+    """Table 1 as the paper lays it out. With ``paper_dataset``, each row is followed by
+    the paper's row for the same network, training and defense, where its Table 1 has one."""
     cols = [c for c in COLUMNS if c in set(long.attack)] + ["strongest", "worst_case"] \
         + [c for c in BEYOND if c in set(long.attack)]
     eps_list = sorted(long.eps_attack.unique())
@@ -79,6 +82,12 @@ def table1_markdown(long: pd.DataFrame) -> str:
             cells.append("/".join(f"{100 * acc[e]:02.0f}" if e in acc else "--" for e in eps_list))
         lines.append(f"| {'ResNet' if network == 'resnet' else 'VGG'} | {label} | "
                      + " | ".join(cells) + " |")
+        theirs = [paper.table1_cell(paper_dataset, network, recipe, defense, c)
+                  for c in cols] if paper_dataset else []
+        if any(theirs):
+            lines.append("| | *paper* | " + " | ".join(
+                "/".join(f"{t[e]:02d}" if e in t else "--" for e in eps_list) if t else ""
+                for t in theirs) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -161,7 +170,8 @@ def figures(df: pd.DataFrame, run: dict, folder: Path) -> dict:
 
 def report(out: str | Path) -> str:
     """Write OUT/report/{table1.md, table1.csv, pvalues.png, roc.png, samples.png,
-    report.md}; returns the Table 1 markdown."""
+    report.md}, and table1_vs_paper.md where the paper has a Table 1 for the dataset;
+    returns the Table 1 markdown."""
     from pdray.pipeline import read_history
 
     out = Path(out)
@@ -176,6 +186,17 @@ def report(out: str | Path) -> str:
     figs = figures(df, run, folder)
     cfg = run["config"]
     eps = "/".join(str(e) for e in cfg["eps_attack"])
+    beside = []
+    if cfg["dataset"] in paper.TABLE1:
+        both = table1_markdown(long, paper_dataset=cfg["dataset"])
+        atomic_write(folder / "table1_vs_paper.md", lambda tmp: tmp.write_text(both))
+        beside = ["## Beside the paper's Table 1", "",
+                  f"Each of our rows is followed by the paper's (*paper*, eps_attack "
+                  f"{'/'.join(map(str, paper.TABLE1_EPS_ATTACK[cfg['dataset']]))}) where it has "
+                  f"one.", "", both]
+    before, after = paper.HEADLINE_STRONGEST[cfg["dataset"]]
+    beside += [f"The paper's abstract: strongest-attack accuracy {before}% without and {after}% "
+               f"with PixelDefend on this dataset.", ""]
     md = [f"# pdray report: {cfg['dataset']}", "",
           f"{df.image_id.nunique()} test images; eps_attack {eps}; eps_defend {cfg['eps_defend']}; "
           f"PixelCNN {cfg['pixelcnn']}; classifiers {', '.join(cfg['classifiers'])}.", "",
@@ -184,6 +205,7 @@ def report(out: str | Path) -> str:
           "image only if it survives every attack at that eps_attack. Both cover the paper's "
           "attacks only; BPDA (Athalye et al. 2018, made against PixelDefend at eps_defend) "
           "comes after them when the run has it.", "",
+          *beside,
           "## How it was made", "",
           "| command | shards | wall time (s) | peak memory (MB, PSS of the driver's process tree) |",
           "|---|---|---|---|",

@@ -84,7 +84,22 @@ def test_report(full_run, capsys):
     attacks_only = csv[csv.attack.isin(["rand", "fgsm"])]
     assert (strongest == attacks_only.groupby(["defense", "eps_attack"]).accuracy.min()).all()
     assert "| ResNet | Normal + PixelDefend |" in table
-    assert "wall time" in (folder / "report.md").read_text()
+    md = (folder / "report.md").read_text()
+    assert "wall time" in md and "63% without and 84% with PixelDefend" in md
+    assert not (folder / "table1_vs_paper.md").exists()  # the paper has no FMNIST Table 1
+
+
+def test_table1_puts_the_papers_rows_beside_ours():
+    rows = [("cifar10-resnet-normal", "resnet", "normal", d, a, e, acc, 10)
+            for d in ("none", "squeeze") for a in ("clean", "fgsm", "strongest")
+            for e, acc in ((2, 0.5), (8, 0.25))]
+    long = pd.DataFrame(rows, columns=["classifier", "network", "recipe", "defense", "attack",
+                                       "eps_attack", "accuracy", "n_images"])
+    lines = report.table1_markdown(long, paper_dataset="cifar10").splitlines()
+    assert lines[2] == "| ResNet | Normal | 50/25 | 50/25 | 50/25 | --/-- |"
+    assert lines[3] == "| | *paper* | 92/92 | 33/15 | 07/00 |  |"  # no per-image worst case there
+    assert lines[5] == "| | *paper* | 84/84 | 31/20 | 13/00 |  |"  # + Feature Squeezing
+    assert report.table1_markdown(long, paper_dataset="fmnist").count("*paper*") == 0
 
 
 @pytest.mark.parametrize("change,message", [
