@@ -12,7 +12,7 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -63,7 +63,7 @@ class Scaling:
     use_gpu: bool = False
     cpus_per_worker: int = 2
     runs_dir: str = "runs"
-    extra: dict = field(default_factory=dict)
+    max_failures: int = 3           # a lost worker (a preempted node) restarts from the last checkpoint
 
 
 # ---- shared by every training loop ---------------------------------------------------------
@@ -139,7 +139,7 @@ def augment(x: torch.Tensor, pad: int, flip: bool, gen: torch.Generator) -> torc
 
 def fit(loop, config: dict, name: str, scaling: Scaling):
     """Run ``loop`` on Ray Train workers and return the final ray.train.Result."""
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from pdray.cluster import init_ray, require_gpus
@@ -161,7 +161,8 @@ def fit(loop, config: dict, name: str, scaling: Scaling):
             resources_per_worker={"CPU": scaling.cpus_per_worker,
                                   **({"GPU": 1} if scaling.use_gpu else {})}),
         run_config=RunConfig(name=name, storage_path=runs,
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)))
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             failure_config=FailureConfig(max_failures=scaling.max_failures)))
     return trainer.fit()
 
 
