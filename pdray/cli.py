@@ -196,6 +196,12 @@ def eval_cmd(dataset: str = typer.Option("fmnist", "--dataset"),
              resume: bool = typer.Option(False, "--resume", help="Skip completed shards."),
              num_attackers: int = typer.Option(1, "--num-attackers"),
              num_purifiers: Optional[int] = typer.Option(None, "--num-purifiers"),
+             attacker_cpus: float = typer.Option(
+                 1.0, "--attacker-cpus", help="CPUs Ray reserves per attacker actor."),
+             purifier_cpus: float = typer.Option(
+                 1.0, "--purifier-cpus",
+                 help="CPUs Ray reserves per purifier actor. Attacks dominate a CPU-only run: "
+                      "--num-attackers 2 --purifier-cpus 0 keeps both cores of a laptop busy."),
              gpus: str = typer.Option("auto", "--gpus",
                                       help="auto: one GPU per purifier if the cluster has GPUs; 0: CPU."),
              report: bool = typer.Option(True, "--report/--no-report")):
@@ -210,7 +216,8 @@ def eval_cmd(dataset: str = typer.Option("fmnist", "--dataset"),
         cw_steps=cw_steps)
     opts = pipeline.RunOptions(out=str(out), data_dir=str(data_dir) if data_dir else None,
                                shard=shard, resume=resume, num_attackers=num_attackers,
-                               num_purifiers=num_purifiers, gpus=gpus, report=report)
+                               num_purifiers=num_purifiers, attacker_cpus=attacker_cpus,
+                               purifier_cpus=purifier_cpus, gpus=gpus, report=report)
     out = pipeline.run(cfg, opts)
     if report:
         report_cmd(out)

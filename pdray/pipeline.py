@@ -95,6 +95,8 @@ class RunOptions:
     resume: bool = False            # skip shards that have a marker
     num_attackers: int = 1
     num_purifiers: int | None = None  # default: one per GPU, else 1
+    attacker_cpus: float = 1.0      # CPUs Ray reserves per actor; on a CPU-only machine the
+    purifier_cpus: float = 1.0      # attacks dominate, so give them the cores (purifier 0)
     gpus: str = "auto"              # "auto": a GPU per purifier if the cluster has any; or "0"
     report: bool = True
 
@@ -405,6 +407,10 @@ def run(cfg: EvalConfig, opts: RunOptions, log=_log) -> Path:
     d = data.load(cfg.dataset, opts.data_dir)
     shards = [s.tolist() for s in data.shard_indices(cfg.n_images, cfg.shards,
                                                      n_available=len(d.test.labels))]
+    if opts.num_attackers < 1 or min(opts.attacker_cpus, opts.purifier_cpus) < 0:
+        raise PdrayError(f"--num-attackers must be at least 1 and --attacker-cpus / "
+                         f"--purifier-cpus at least 0; got {opts.num_attackers}, "
+                         f"{opts.attacker_cpus} and {opts.purifier_cpus}.")
     if opts.shard is not None and not 0 <= opts.shard < len(shards):
         raise PdrayError(f"--shard must be in 0..{len(shards) - 1} for {len(shards)} shards; "
                          f"got {opts.shard}.")
@@ -450,12 +456,12 @@ def _evaluate(cfg: EvalConfig, opts: RunOptions, shards: list[list[int]], todo: 
         f"purifier(s){' on GPUs' if gpus else ' on CPU'}")
 
     ds = (ray.data.from_items([{"shard": k} for k in todo], override_num_blocks=len(todo))
-          .map_batches(AttackStage, batch_size=1, num_cpus=1,
+          .map_batches(AttackStage, batch_size=1, num_cpus=opts.attacker_cpus,
                        fn_constructor_kwargs={"cfg": asdict(cfg), "shards": shards,
                                               "data_dir": opts.data_dir},
                        compute=ActorPoolStrategy(size=opts.num_attackers))
           .map_batches(PurifierStage, batch_size=cfg.purify_batch,
-                       num_cpus=1, num_gpus=1 if gpus else 0,
+                       num_cpus=opts.purifier_cpus, num_gpus=1 if gpus else 0,
                        fn_constructor_kwargs={"cfg": asdict(cfg)},
                        compute=ActorPoolStrategy(size=num_purifiers)))
     pending, t0 = defaultdict(list), time.time()

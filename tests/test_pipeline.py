@@ -63,11 +63,14 @@ def test_rerunning_one_shard_changes_nothing(full_run):
 
 
 def test_interrupted_then_resumed_equals_uninterrupted(full_run, tmp_path):
+    """Also resumed with two attackers and a purifier that reserves no CPU (the CPU-only
+    layout): the actors' number and placement must not change a single row."""
     local_ray()
     out = tmp_path / "resumed"
     pipeline.run(pipeline.EvalConfig(**CFG), pipeline.RunOptions(out=str(out), shard=2))
     assert pipeline.completed_shards(out) == {2}
-    pipeline.run(pipeline.EvalConfig(**CFG), pipeline.RunOptions(out=str(out), resume=True))
+    pipeline.run(pipeline.EvalConfig(**CFG),
+                 pipeline.RunOptions(out=str(out), resume=True, num_attackers=2, purifier_cpus=0))
     pd.testing.assert_frame_equal(results(full_run), results(out))
 
 
@@ -123,6 +126,9 @@ def test_existing_results_are_never_touched_by_a_bad_run(full_run):
                      pipeline.RunOptions(out=str(full_run)))
     with pytest.raises(PdrayError, match="--shard must be in 0..2"):
         pipeline.run(pipeline.EvalConfig(**CFG), pipeline.RunOptions(out=str(full_run), shard=3))
+    with pytest.raises(PdrayError, match="--purifier-cpus at least 0"):
+        pipeline.run(pipeline.EvalConfig(**CFG),
+                     pipeline.RunOptions(out=str(full_run), purifier_cpus=-1))
     pd.testing.assert_frame_equal(before, results(full_run))
 
 
