@@ -404,13 +404,13 @@ def run(cfg: EvalConfig, opts: RunOptions, log=_log) -> Path:
     """Evaluate every requested shard and write its Parquet file; returns OUT."""
     started = time.time()
     cfg = resolve(cfg)
-    d = data.load(cfg.dataset, opts.data_dir)
-    shards = [s.tolist() for s in data.shard_indices(cfg.n_images, cfg.shards,
-                                                     n_available=len(d.test.labels))]
     if opts.num_attackers < 1 or min(opts.attacker_cpus, opts.purifier_cpus) < 0:
         raise PdrayError(f"--num-attackers must be at least 1 and --attacker-cpus / "
                          f"--purifier-cpus at least 0; got {opts.num_attackers}, "
                          f"{opts.attacker_cpus} and {opts.purifier_cpus}.")
+    d = data.load(cfg.dataset, opts.data_dir)
+    shards = [s.tolist() for s in data.shard_indices(cfg.n_images, cfg.shards,
+                                                     n_available=len(d.test.labels))]
     if opts.shard is not None and not 0 <= opts.shard < len(shards):
         raise PdrayError(f"--shard must be in 0..{len(shards) - 1} for {len(shards)} shards; "
                          f"got {opts.shard}.")
