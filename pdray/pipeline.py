@@ -423,19 +423,31 @@ def run(cfg: EvalConfig, opts: RunOptions, log=_log) -> Path:
         log(f"all {len(shards)} shards of {out} are complete")
         return out
 
-    with PeakMemory() as mem:
-        placement = _evaluate(cfg, opts, shards, todo, out, log)
-    record_history(out, {"command": _command(), "shards": todo, **placement,
-                         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
-                         "wall_time_s": round(time.time() - started, 1),
-                         "peak_pss_mb": mem.peak_mb})
+    written, mem = [], PeakMemory()
+
+    def record(**placement):
+        record_history(out, {"command": _command(), "shards": todo, "completed": written,
+                             "interrupted": len(written) < len(todo), **placement,
+                             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z",
+                                                      time.localtime(started)),
+                             "wall_time_s": round(time.time() - started, 1),
+                             "peak_pss_mb": mem.peak_mb})
+
+    try:
+        with mem:
+            placement = _evaluate(cfg, opts, shards, todo, out, log, written)
+    except BaseException:
+        if written:  # its shards stay, so its wall time counts: totals add up across resumes
+            record()
+        raise
+    record(**placement)
     return out
 
 
 def _evaluate(cfg: EvalConfig, opts: RunOptions, shards: list[list[int]], todo: list[int],
-              out: Path, log) -> dict:
-    """Run the shards in ``todo`` through the actor pools and write each as it completes;
-    returns where the purifiers ran."""
+              out: Path, log, written: list[int]) -> dict:
+    """Run the shards in ``todo`` through the actor pools and write each as it completes,
+    appending its number to ``written``; returns where the purifiers ran."""
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
@@ -471,6 +483,7 @@ def _evaluate(cfg: EvalConfig, opts: RunOptions, shards: list[list[int]], todo: 
             got = pd.concat(pending[k]).drop_duplicates(KEY)
             if len(got) == expected[k]:
                 write_shard(out, k, got)
+                written.append(int(k))
                 del pending[k]
                 expected.pop(k)
                 log(f"shard {k} done ({len(got)} rows, {time.time() - t0:.0f} s); "

@@ -207,10 +207,12 @@ def report(out: str | Path) -> str:
           "comes after them when the run has it.", "",
           *beside,
           "## How it was made", "",
-          "| command | shards | wall time (s) | peak memory (MB, PSS of the driver's process tree) |",
-          "|---|---|---|---|",
-          *[f"| `{' '.join(h['command'])}` | {len(h['shards'])} | {h['wall_time_s']:.0f} | "
-            f"{h.get('peak_pss_mb', '-')} |" for h in read_history(out)], "",
+          "| command | shards written | wall time (s) | peak memory (MB, PSS of the driver's "
+          "process tree) |", "|---|---|---|---|",
+          *[f"| `{' '.join(h['command'])}` | {len(h.get('completed', h['shards']))}"
+            f"{' (interrupted)' if h.get('interrupted') else ''} | {h['wall_time_s']:.0f} | "
+            f"{h.get('peak_pss_mb', '-')} |" for h in read_history(out)],
+          "", f"Total wall time: {sum(h['wall_time_s'] for h in read_history(out)):.0f} s.", "",
           "## Detection (Claim 1)", "",
           "| input | AUC vs clean training images |", "|---|---|",
           *[f"| {k} | {v:.3f} |" for k, v in figs["aucs"].items()], "",

@@ -45,6 +45,7 @@ def test_rows_and_layout(full_run):
     assert set(run["models"]) == {"fmnist-resnet-normal", "fmnist-pixelcnn"}
     history = pipeline.read_history(full_run)
     assert history[0]["shards"] == [0, 1, 2] and history[0]["wall_time_s"] > 0
+    assert sorted(history[0]["completed"]) == [0, 1, 2] and not history[0]["interrupted"]
     assert "/" not in history[0]["command"][0]
     assert history[0]["peak_pss_mb"] > 100  # the driver and its Ray processes
     # PixelDefend stays inside its ball and lowers bits/dim on attacked images.
@@ -74,6 +75,25 @@ def test_interrupted_then_resumed_equals_uninterrupted(full_run, tmp_path):
     pd.testing.assert_frame_equal(results(full_run), results(out))
 
 
+def test_an_interrupted_run_records_only_if_it_wrote_shards(tmp_path, monkeypatch):
+    """A run stopped after writing shards keeps them, so its wall time goes into the
+    history; one that wrote nothing leaves the history as it was."""
+    def stopped_after_one(cfg, opts, shards, todo, out, log, written):
+        written.append(todo[0])
+        raise KeyboardInterrupt
+
+    def failed(cfg, opts, shards, todo, out, log, written):
+        raise PdrayError("the cluster has no GPU")
+
+    for fake, error in ((stopped_after_one, KeyboardInterrupt), (failed, PdrayError)):
+        monkeypatch.setattr(pipeline, "_evaluate", fake)
+        with pytest.raises(error):
+            pipeline.run(pipeline.EvalConfig(**CFG), pipeline.RunOptions(out=str(tmp_path)))
+    (entry,) = pipeline.read_history(tmp_path)
+    assert entry["shards"] == [0, 1, 2] and entry["completed"] == [0] and entry["interrupted"]
+    assert entry["wall_time_s"] >= 0
+
+
 def test_report(full_run, capsys):
     table = report.report(full_run)
     folder = full_run / "report"
@@ -88,7 +108,7 @@ def test_report(full_run, capsys):
     assert (strongest == attacks_only.groupby(["defense", "eps_attack"]).accuracy.min()).all()
     assert "| ResNet | Normal + PixelDefend |" in table
     md = (folder / "report.md").read_text()
-    assert "wall time" in md and "63% without and 84% with PixelDefend" in md
+    assert "Total wall time" in md and "63% without and 84% with PixelDefend" in md
     assert not (folder / "table1_vs_paper.md").exists()  # the paper has no FMNIST Table 1
 
 
