@@ -176,6 +176,7 @@ def report(out: str | Path) -> str:
 
     out = Path(out)
     df, run = load_results(out)
+    history = read_history(out)
     folder = out / "report"
     folder.mkdir(exist_ok=True)
     long = accuracy_long(df)
@@ -211,8 +212,8 @@ def report(out: str | Path) -> str:
           "process tree) |", "|---|---|---|---|",
           *[f"| `{' '.join(h['command'])}` | {len(h.get('completed', h['shards']))}"
             f"{' (interrupted)' if h.get('interrupted') else ''} | {h['wall_time_s']:.0f} | "
-            f"{h.get('peak_pss_mb', '-')} |" for h in read_history(out)],
-          "", f"Total wall time: {sum(h['wall_time_s'] for h in read_history(out)):.0f} s.", "",
+            f"{h.get('peak_pss_mb', '-')} |" for h in history],
+          "", f"Total wall time: {sum(h['wall_time_s'] for h in history):.0f} s.", "",
           "## Detection (Claim 1)", "",
           "| input | AUC vs clean training images |", "|---|---|",
           *[f"| {k} | {v:.3f} |" for k, v in figs["aucs"].items()], "",
