@@ -286,6 +286,8 @@ def train_pixelcnn(
         filters: int = typer.Option(64, "--filters"),
         blocks: int = typer.Option(6, "--blocks"),
         dropout: float = typer.Option(0.0, "--dropout"),
+        logistic: bool = typer.Option(True, "--logistic/--no-logistic",
+                                      help="Add the head's logistic logit term (learns far faster)."),
         compile: bool = typer.Option(True, "--compile/--no-compile",
                                      help="torch.compile the training forward."),
         steps: int = typer.Option(6000, "--steps", help="Total steps; raise and rerun to go on."),
@@ -306,7 +308,7 @@ def train_pixelcnn(
     from pdray import train
 
     cfg = train.PixelCNNConfig(dataset=dataset, filters=filters, blocks=blocks, dropout=dropout,
-                               compile=compile,
+                               logistic=logistic, compile=compile,
                                steps=steps, batch_size=batch_size, lr=lr, grad_clip=grad_clip,
                                report_every=report_every, eval_images=eval_images,
                                data_dir=str(data_dir) if data_dir else None,

@@ -273,6 +273,7 @@ class PixelCNNConfig:
     filters: int = 64
     blocks: int = 6
     dropout: float = 0.0           # CPU-scale runs underfit; PixelCNN++ used 0.5 over 1000s of epochs
+    logistic: bool = True          # the head's logistic logit term (pdray.pixelcnn): learns far faster
     compile: bool = True           # torch.compile the training forward: ~1.5x faster on CPU
     steps: int = 6000              # total optimiser steps; raise it and rerun to train on
     batch_size: int = 64           # global; split across workers
@@ -296,7 +297,8 @@ class PixelCNNConfig:
         from pdray import pixelcnn
 
         return pixelcnn.Config(channels=data.SHAPE[data.parse_dataset(self.dataset)][2],
-                               filters=self.filters, blocks=self.blocks, dropout=self.dropout)
+                               filters=self.filters, blocks=self.blocks, dropout=self.dropout,
+                               logistic=self.logistic)
 
 
 def pixelcnn_loop(config: dict) -> None:
@@ -385,8 +387,32 @@ def pixelcnn_loop(config: dict) -> None:
                 break
 
 
+def check_resumable(cfg: PixelCNNConfig, scaling: Scaling) -> None:
+    """A resumed run must build the model it was trained as: say so here, in one
+    paragraph, rather than as a worker's state-dict traceback."""
+    from pdray import pixelcnn
+
+    ray_states = sorted(Path(scaling.runs_dir, cfg.name).glob("checkpoint_*/state.pt"))
+    source = ray_states[-1] if "://" not in scaling.runs_dir and ray_states else (
+        Path(cfg.resume_from) if cfg.resume_from and Path(cfg.resume_from).is_file() else None)
+    if source is None:
+        return
+    try:
+        trained = torch.load(source, map_location="cpu", weights_only=True)["config"]
+        trained = asdict(pixelcnn.Config(**trained))
+    except Exception as e:
+        raise PdrayError(f"Cannot read the training state {source} to resume from ({e}).") from None
+    wanted = asdict(cfg.model_config())
+    if trained != wanted:
+        raise PdrayError(
+            f"{source} holds a training state of a different model ({trained}) than the options "
+            f"ask for ({wanted}). Rerun with matching options, or move "
+            f"{source.parent.parent if source in ray_states else source} aside to start afresh.")
+
+
 def train_pixelcnn(cfg: PixelCNNConfig, scaling: Scaling, ship: bool = False) -> dict:
     data.parse_dataset(cfg.dataset)
+    check_resumable(cfg, scaling)
     result = fit(pixelcnn_loop, asdict(cfg), cfg.name, scaling)
     out = finish(result, cfg.name, ship)
     if ship:  # p-values rank against these; computing them is a one-off per checkpoint

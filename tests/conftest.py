@@ -79,12 +79,16 @@ def tiny_classifier(channels: int, seed: int = 0):
     return ResNet(channels, [128.0] * channels, [64.0] * channels, units=1).eval()
 
 
-def tiny_pixelcnn(channels: int, seed: int = 0, filters: int = 8, blocks: int = 2):
-    """A small random PixelCNN whose conditionals are far from flat."""
+def tiny_pixelcnn(channels: int, seed: int = 0, filters: int = 8, blocks: int = 2,
+                  logistic: bool | None = None):
+    """A small random PixelCNN whose conditionals are far from flat. ``logistic`` defaults
+    to the shipped models' head: without the logistic term for Fashion-MNIST, with it for
+    CIFAR-10."""
     from pdray.pixelcnn import Config, PixelCNN
 
     torch.manual_seed(seed)
-    model = PixelCNN(Config(channels=channels, filters=filters, blocks=blocks)).eval()
+    logistic = channels == 3 if logistic is None else logistic
+    model = PixelCNN(Config(channels=channels, filters=filters, blocks=blocks, logistic=logistic)).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))

@@ -9,12 +9,12 @@ def raster_channel_order(t):  # (B, C, H, W[, ...]) -> (B, H*W*C, ...)
     return t.permute(0, 2, 3, 1, *range(4, t.dim())).reshape(t.shape[0], -1, *t.shape[4:])
 
 
-@pytest.mark.parametrize("channels", [1, 3])
-def test_causality(channels):
+@pytest.mark.parametrize("channels,logistic", [(1, False), (1, True), (3, False), (3, True)])
+def test_causality(channels, logistic):
     """The conditional of sub-pixel i does not change when any sub-pixel at or after i
     changes, for every i; and it does depend on earlier sub-pixels. Each sub-pixel in
     turn: redraw it and everything after it, compare all conditionals up to it."""
-    model = tiny_pixelcnn(channels, filters=8, blocks=2).double()
+    model = tiny_pixelcnn(channels, filters=8, blocks=2, logistic=logistic).double()
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (1, channels, 6, 5), generator=g)
     with torch.no_grad():

@@ -57,3 +57,21 @@ def test_pixelcnn_trains_and_resumes(ray_local, tmp_path):
     cfg.steps, cfg.resume_from = 3, str(state)
     third = train.train_pixelcnn(cfg, train.Scaling(runs_dir=str(tmp_path / "again")))
     assert third["metrics"]["step"] == 4 and third["wall_time_s"] == second["wall_time_s"]
+
+
+def test_resuming_a_different_model_is_one_clear_error(tmp_path):
+    import pytest
+
+    from pdray.errors import PdrayError
+
+    scaling = train.Scaling(runs_dir=str(tmp_path / "runs"))
+    state = tmp_path / "old.state.pt"
+    torch.save({"config": {"channels": 1, "filters": 8, "blocks": 2, "dropout": 0.0}}, state)
+    cfg = train.PixelCNNConfig(filters=8, blocks=2, resume_from=str(state))  # logistic by default
+    with pytest.raises(PdrayError, match="different model"):
+        train.check_resumable(cfg, scaling)
+    train.check_resumable(train.PixelCNNConfig(filters=8, blocks=2, logistic=False,
+                                               resume_from=str(state)), scaling)
+    state.write_bytes(b"not a checkpoint")
+    with pytest.raises(PdrayError, match="Cannot read"):
+        train.check_resumable(cfg, scaling)
