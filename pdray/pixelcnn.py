@@ -17,8 +17,8 @@ Design, and why:
 - Optionally (``logistic``, on for models trained since) the head adds to each channel's
   256 free logits the log-density of a logistic whose mean is linear in the decided
   channels, as PixelCNN++'s mixture component is. The output is still a 256-way softmax,
-  but it starts out knowing that nearby values are alike and that G follows R. On CIFAR-10
-  a small model reached 4.3 bits/dim in 400 steps this way, against 5.4 after 600 without.
+  but it starts out knowing that nearby values are alike and that G follows R, which the
+  free logits alone learn slowly.
 """
 
 from __future__ import annotations
@@ -105,8 +105,10 @@ class ChannelHead(nn.Module):
         self.embed = nn.ModuleList(nn.Embedding(256, filters) for _ in range(channels * (channels - 1) // 2))
         self.out = nn.ModuleList(nn.Linear(filters, 256) for _ in range(channels))
         # Channel c: mean, log scale, and one mixing coefficient per earlier channel.
-        self.logistic = nn.ModuleList(nn.Linear(filters, 2 + c) for c in range(channels)) if logistic else None
-        self.register_buffer("centres", torch.arange(256) / 127.5 - 1.0, persistent=False)
+        self.logistic = None
+        if logistic:
+            self.logistic = nn.ModuleList(nn.Linear(filters, 2 + c) for c in range(channels))
+            self.register_buffer("centres", torch.arange(256) / 127.5 - 1.0, persistent=False)
 
     def channel(self, h, c: int, previous):
         """Logits of channel c from features h (..., F) and ``previous``, a list of the

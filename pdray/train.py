@@ -393,7 +393,7 @@ def check_resumable(cfg: PixelCNNConfig, scaling: Scaling) -> None:
     from pdray import pixelcnn
 
     ray_states = sorted(Path(scaling.runs_dir, cfg.name).glob("checkpoint_*/state.pt"))
-    source = ray_states[-1] if "://" not in scaling.runs_dir and ray_states else (
+    source = ray_states[-1] if ray_states else (
         Path(cfg.resume_from) if cfg.resume_from and Path(cfg.resume_from).is_file() else None)
     if source is None:
         return

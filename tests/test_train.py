@@ -1,8 +1,10 @@
 """Ray Train runs for a few steps: every recipe's code path, checkpoints and resume."""
 
+import pytest
 import torch
 
 from pdray import train, zoo
+from pdray.errors import PdrayError
 from pdray.files import sha256
 
 
@@ -60,10 +62,6 @@ def test_pixelcnn_trains_and_resumes(ray_local, tmp_path):
 
 
 def test_resuming_a_different_model_is_one_clear_error(tmp_path):
-    import pytest
-
-    from pdray.errors import PdrayError
-
     scaling = train.Scaling(runs_dir=str(tmp_path / "runs"))
     state = tmp_path / "old.state.pt"
     torch.save({"config": {"channels": 1, "filters": 8, "blocks": 2, "dropout": 0.0}}, state)
