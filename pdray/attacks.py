@@ -153,10 +153,12 @@ def cw(model, images, labels, eps_list, *, cw_steps=50, cw_binary_search_steps=3
 
 
 def bpda(model, images, labels, eps_list, *, defend: Callable[[np.ndarray], np.ndarray] | None = None,
-         **_) -> list[np.ndarray]:
+         bpda_steps: int | None = None, **_) -> list[np.ndarray]:
     """BPDA on ``defend`` (uint8 NHWC -> uint8 NHWC) followed by the classifier: BIM's
-    schedule (alpha = 1, Kurakin's step count) with each step's gradient taken at the
-    defended image, as if the defense were the identity (Athalye et al. 2018). An image
+    schedule (alpha = 1, Kurakin's step count unless ``bpda_steps`` is given) with each
+    step's gradient taken at the defended image, as if the defense were the identity
+    (Athalye et al. 2018). A defense that snaps inputs to a few outputs can outlast
+    Kurakin's 10 steps at eps_attack 8, so an adaptive evaluation should also try more. An image
     stops moving once its defended version is misclassified, so it is not purified again.
     PixelDefend and feature squeezing are deterministic, so one sample per step is exact
     and EOT (averaging gradients over the defense's randomness) has nothing to average."""
@@ -168,7 +170,7 @@ def bpda(model, images, labels, eps_list, *, defend: Callable[[np.ndarray], np.n
         x = images.astype(np.int64)
         lo, hi = np.maximum(x - eps, 0), np.minimum(x + eps, 255)
         adv, active = x.copy(), np.ones(len(x), bool)
-        for _ in range(bim_steps(eps)):
+        for _ in range(bpda_steps or bim_steps(eps)):
             idx = np.nonzero(active)[0]
             if not len(idx):
                 break

@@ -191,6 +191,8 @@ def eval_cmd(dataset: str = typer.Option("fmnist", "--dataset"),
              seed: int = typer.Option(0, "--seed"),
              save_images: int = typer.Option(8, "--save-images"),
              cw_steps: int = typer.Option(50, "--cw-steps"),
+             bpda_steps: Optional[int] = typer.Option(
+                 None, "--bpda-steps", help="BPDA iterations; default: BIM's step count."),
              out: Path = typer.Option(Path("out"), "--out"),
              shard: Optional[int] = typer.Option(None, "--shard", help="Rerun only this shard."),
              resume: bool = typer.Option(False, "--resume", help="Skip completed shards."),
@@ -213,7 +215,7 @@ def eval_cmd(dataset: str = typer.Option("fmnist", "--dataset"),
         eps_attack=_list(eps_attack, float), eps_defend=eps_defend,
         classifiers=_list(classifiers), pixelcnn=pixelcnn, defenses=_list(defenses),
         adaptive_threshold=adaptive_threshold, seed=seed, save_images=save_images,
-        cw_steps=cw_steps)
+        cw_steps=cw_steps, bpda_steps=bpda_steps)
     opts = pipeline.RunOptions(out=str(out), data_dir=str(data_dir) if data_dir else None,
                                shard=shard, resume=resume, num_attackers=num_attackers,
                                num_purifiers=num_purifiers, attacker_cpus=attacker_cpus,

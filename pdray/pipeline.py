@@ -23,7 +23,7 @@ import platform
 import sys
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
 from pathlib import Path
 
@@ -83,6 +83,7 @@ class EvalConfig:
     cw_steps: int = 50
     cw_binary_search_steps: int = 3
     deepfool_steps: int = 50
+    bpda_steps: int | None = None            # default: BIM's (Kurakin's) step count
     purify_batch: int = 64
 
 
@@ -124,8 +125,9 @@ def resolve(cfg: EvalConfig) -> EvalConfig:
         raise PdrayError(f"{cfg.pixelcnn} is not a {ds.value} PixelCNN.")
     if Defense.ADAPTIVE.value in cfg.defenses and cfg.adaptive_threshold is None:
         cfg.adaptive_threshold = zoo.adaptive_threshold(cfg.pixelcnn)["bpd"]
-    if cfg.n_images < 1 or cfg.purify_batch < 1:
-        raise PdrayError("n_images and purify_batch must be at least 1.")
+    if cfg.n_images < 1 or cfg.purify_batch < 1 or (cfg.bpda_steps is not None
+                                                     and cfg.bpda_steps < 1):
+        raise PdrayError("n_images, purify_batch and bpda_steps must be at least 1.")
     return cfg
 
 
@@ -285,7 +287,7 @@ class PurifierStage:
         for name, model in self.models.items():
             t = time.perf_counter()
             advs = attacks.attack_many(attacks.Attack.BPDA, model, images, labels,
-                                       cfg.eps_attack, defend=defend)
+                                       cfg.eps_attack, defend=defend, bpda_steps=cfg.bpda_steps)
             seconds = (time.perf_counter() - t) / len(cfg.eps_attack) / n
             for eps, adv in zip(cfg.eps_attack, advs):
                 parts.append({"shard": batch["shard"][clean], "image_id": batch["image_id"][clean],
@@ -352,7 +354,13 @@ def prepare_out(cfg: EvalConfig, opts: RunOptions, shards: list[list[int]]) -> P
         try:
             old = json.loads(path.read_text())
         except ValueError:
-            raise PdrayError(f"{path} is unreadable; use a new --out folder.") from None
+            old = None
+        if not isinstance(old, dict) or not isinstance(old.get("config"), dict):
+            raise PdrayError(f"{path} is unreadable; use a new --out folder.")
+        # A run.json from before an option existed matches if this run leaves it at its default.
+        defaults = {f.name: f.default for f in fields(EvalConfig)}
+        old["config"] = {**{k: v for k, v in run["config"].items() if v == defaults.get(k)},
+                         **old["config"]}
         if {k: old.get(k) for k in run} != run:
             raise PdrayError(f"{out} holds results of another configuration (see its run.json). "
                              f"Use a new --out folder, or the same options as that run.")

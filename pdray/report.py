@@ -70,9 +70,12 @@ def table1_markdown(long: pd.DataFrame, paper_dataset: str | None = None) -> str
     eps_list = sorted(long.eps_attack.unique())
     head = ["NETWORK", "TRAINING / DEFENSE"] + [c.upper().replace("_", " ") for c in cols]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    order = {d: i for i, d in enumerate(DEFENSE_NAMES)}
+    # The paper's row order: by defense, then Normal (ResNet, VGG) before the robust trainings.
+    defenses, recipes = list(DEFENSE_NAMES), list(RECIPE_NAMES)
     groups = sorted(long.groupby(["classifier", "network", "recipe", "defense"]),
-                    key=lambda kv: (order.get(kv[0][3], 9), kv[0][0]))
+                    key=lambda kv: (defenses.index(kv[0][3]) if kv[0][3] in defenses else 9,
+                                    recipes.index(kv[0][2]) if kv[0][2] in recipes else 9,
+                                    kv[0][1] != "resnet", kv[0][0]))
     for (_, network, recipe, defense), g in groups:
         label = RECIPE_NAMES.get(recipe, recipe) + (f" + {DEFENSE_NAMES[defense]}"
                                                     if DEFENSE_NAMES.get(defense) else "")

@@ -66,6 +66,9 @@ def test_bpda_breaks_a_defense_that_fgsm_only_weakens(fmnist_samples):
     assert squeezed_acc(adv) < 0.5
     assert squeezed_acc(adv) <= squeezed_acc(attacks.attack("fgsm", model, images, labels, 16))
     assert np.abs(adv.astype(int) - images.astype(int)).max() <= 16
+    one_step = attacks.attack("bpda", model, images, labels, 16, defend=purify.feature_squeeze,
+                              bpda_steps=1)
+    assert np.abs(one_step.astype(int) - images.astype(int)).max() == 1  # alpha is one level
     with pytest.raises(PdrayError, match="needs a defense"):
         attacks.attack("bpda", model, images, labels, 16)
 

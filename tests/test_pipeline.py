@@ -125,18 +125,42 @@ def test_table1_puts_the_papers_rows_beside_ours():
     assert report.table1_markdown(long, paper_dataset="fmnist").count("*paper*") == 0
 
 
+def test_table1_rows_follow_the_papers_order():
+    rows = [(f"fmnist-{n}-{r}", n, r, d, "clean", 8, 0.9, 10) for d in ("pixeldefend", "none")
+            for n, r in (("resnet", "adv-fgsm"), ("vgg", "normal"), ("resnet", "normal"))]
+    long = pd.DataFrame(rows, columns=["classifier", "network", "recipe", "defense", "attack",
+                                       "eps_attack", "accuracy", "n_images"])
+    labels = [line.split(" | ")[:2] for line in report.table1_markdown(long).splitlines()[2:]]
+    assert labels == [["| ResNet", "Normal"], ["| VGG", "Normal"], ["| ResNet", "Adversarial FGSM"],
+                      ["| ResNet", "Normal + PixelDefend"], ["| VGG", "Normal + PixelDefend"],
+                      ["| ResNet", "Adversarial FGSM + PixelDefend"]]
+
+
 @pytest.mark.parametrize("change,message", [
     (dict(attacks=["jsma"]), "Unknown attack"),
     (dict(eps_attack=[300]), "0..255"),
     (dict(eps_defend=-1), "eps_defend"),
     (dict(classifiers=["fmnist-vgg-normal"]), "No shipped model"),
     (dict(defenses=["distillation"]), "Unknown defense"),
+    (dict(bpda_steps=0), "bpda_steps"),
 ])
 def test_bad_config_is_refused_before_anything_runs(change, message, tmp_path):
     with pytest.raises(PdrayError, match=message):
         pipeline.run(pipeline.EvalConfig(**{**CFG, **change}),
                      pipeline.RunOptions(out=str(tmp_path / "x")))
     assert not (tmp_path / "x").exists()
+
+
+def test_a_run_from_before_an_option_existed_still_resumes(full_run, tmp_path):
+    """run.json written before EvalConfig had bpda_steps: resuming with the default matches."""
+    old = json.loads((full_run / "run.json").read_text())
+    del old["config"]["bpda_steps"]
+    (tmp_path / "run.json").write_text(json.dumps(old))
+    pipeline.prepare_out(pipeline.resolve(pipeline.EvalConfig(**CFG)),
+                         pipeline.RunOptions(out=str(tmp_path)), old["shards"])
+    with pytest.raises(PdrayError, match="another configuration"):
+        pipeline.prepare_out(pipeline.resolve(pipeline.EvalConfig(**CFG, bpda_steps=50)),
+                             pipeline.RunOptions(out=str(tmp_path)), old["shards"])
 
 
 def test_existing_results_are_never_touched_by_a_bad_run(full_run):
