@@ -65,8 +65,9 @@ def accuracy_long(df: pd.DataFrame) -> pd.DataFrame:
 def table1_markdown(long: pd.DataFrame, paper_dataset: str | None = None) -> str:
     """Table 1 as the paper lays it out. With ``paper_dataset``, each row is followed by
     the paper's row for the same network, training and defense, where its Table 1 has one."""
-    cols = [c for c in COLUMNS if c in set(long.attack)] + ["strongest", "worst_case"] \
-        + [c for c in BEYOND if c in set(long.attack)]
+    cols = [c for c in COLUMNS if c in set(long.attack)]
+    cols += ["strongest", "worst_case"] if set(cols) - {"clean"} else []  # over the paper's attacks
+    cols += [c for c in BEYOND if c in set(long.attack)]
     eps_list = sorted(long.eps_attack.unique())
     head = ["NETWORK", "TRAINING / DEFENSE"] + [c.upper().replace("_", " ") for c in cols]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

@@ -123,6 +123,9 @@ def test_table1_puts_the_papers_rows_beside_ours():
     assert lines[3] == "| | *paper* | 92/92 | 33/15 | 07/00 |  |"  # no per-image worst case there
     assert lines[5] == "| | *paper* | 84/84 | 31/20 | 13/00 |  |"  # + Feature Squeezing
     assert report.table1_markdown(long, paper_dataset="fmnist").count("*paper*") == 0
+    bpda_only = long[long.attack == "clean"].assign(attack="bpda")
+    assert report.table1_markdown(pd.concat([long[long.attack == "clean"], bpda_only])) \
+        .startswith("| NETWORK | TRAINING / DEFENSE | CLEAN | BPDA |")
 
 
 def test_table1_rows_follow_the_papers_order():
