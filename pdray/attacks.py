@@ -157,8 +157,7 @@ def bpda(model, images, labels, eps_list, *, defend: Callable[[np.ndarray], np.n
     """BPDA on ``defend`` (uint8 NHWC -> uint8 NHWC) followed by the classifier: BIM's
     schedule (alpha = 1, Kurakin's step count unless ``bpda_steps`` is given) with each
     step's gradient taken at the defended image, as if the defense were the identity
-    (Athalye et al. 2018). A defense that snaps inputs to a few outputs can outlast
-    Kurakin's 10 steps at eps_attack 8, so an adaptive evaluation should also try more. An image
+    (Athalye et al. 2018); more steps check that the attack has converged. An image
     stops moving once its defended version is misclassified, so it is not purified again.
     PixelDefend and feature squeezing are deterministic, so one sample per step is exact
     and EOT (averaging gradients over the defense's randomness) has nothing to average."""
