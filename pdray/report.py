@@ -65,17 +65,18 @@ def accuracy_long(df: pd.DataFrame) -> pd.DataFrame:
 def table1_markdown(long: pd.DataFrame, paper_dataset: str | None = None) -> str:
     """Table 1 as the paper lays it out. With ``paper_dataset``, each row is followed by
     the paper's row for the same network, training and defense, where its Table 1 has one."""
-    cols = [c for c in COLUMNS if c in set(long.attack)]
+    present = set(long.attack)
+    cols = [c for c in COLUMNS if c in present]
     cols += ["strongest", "worst_case"] if set(cols) - {"clean"} else []  # over the paper's attacks
-    cols += [c for c in BEYOND if c in set(long.attack)]
+    cols += [c for c in BEYOND if c in present]
     eps_list = sorted(long.eps_attack.unique())
     head = ["NETWORK", "TRAINING / DEFENSE"] + [c.upper().replace("_", " ") for c in cols]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     # The paper's row order: by defense, then Normal (ResNet, VGG) before the robust trainings.
-    defenses, recipes = list(DEFENSE_NAMES), list(RECIPE_NAMES)
+    defenses = {d: i for i, d in enumerate(DEFENSE_NAMES)}
+    recipes = {r: i for i, r in enumerate(RECIPE_NAMES)}
     groups = sorted(long.groupby(["classifier", "network", "recipe", "defense"]),
-                    key=lambda kv: (defenses.index(kv[0][3]) if kv[0][3] in defenses else 9,
-                                    recipes.index(kv[0][2]) if kv[0][2] in recipes else 9,
+                    key=lambda kv: (defenses.get(kv[0][3], 9), recipes.get(kv[0][2], 9),
                                     kv[0][1] != "resnet", kv[0][0]))
     for (_, network, recipe, defense), g in groups:
         label = RECIPE_NAMES.get(recipe, recipe) + (f" + {DEFENSE_NAMES[defense]}"
