@@ -1,24 +1,33 @@
 """A PixelCNN++-style density model with a 256-way softmax per sub-pixel.
 
 Read top to bottom: shifts and shifted convolutions, concat_elu, the gated residual
-block, the channel head, then the model and its likelihood helpers.
+block, the two heads, the model and its likelihood helpers, then its exact incremental
+decoder (what the fast purifier steps through).
 
 Design, and why:
 - Two streams as in PixelCNN++ (Salimans et al. 2017): ``u`` sees the rows above,
   ``ul`` the rows above and the pixels to the left. Causality comes from shifting and
   padding, not from masked weights.
 - One resolution, no down/up-sampling. Every layer then advances one pixel per
-  decoding step, so exact incremental decoding (pdray.purify) caches two rows per
+  decoding step, so exact incremental decoding (``Decoder``) caches two rows per
   convolution and nothing else; depth provides the receptive field.
 - The network runs once per pixel position and produces features ``h``. A small head
   turns ``h`` into the 256-way conditional of each channel, taking the already-decided
   channel values as input (G sees R; B sees R and G), as in the authors' code. So a
   purifier pays one network step per pixel and three cheap head calls.
-- Optionally (``logistic``, on for models trained since) the head adds to each channel's
-  256 free logits the log-density of a logistic whose mean is linear in the decided
-  channels, as PixelCNN++'s mixture component is. The output is still a 256-way softmax,
-  but it starts out knowing that nearby values are alike and that G follows R, which the
-  free logits alone learn slowly.
+- Two heads, both a normalised 256-way distribution per sub-pixel, so Algorithm 1 and the
+  p-values work with either:
+  - ``free`` (ChannelHead): 256 free logits per channel; optionally (``logistic``) plus the
+    log-density of a logistic whose mean is linear in the decided channels.
+  - ``mixture`` (MixtureHead): PixelCNN++'s discretized mixture of logistics binned into
+    256 intervals, as the authors' code decodes it (``mix_logistic_to_logits``): channel c's
+    distribution is sum_k pi_k DLogistic(v; mu_ck + sum_{j<c} a_cjk x_j, s_ck), with the
+    mixture weights shared by the channels and G's and B's means linear in the decided
+    channels. Smooth and unimodal-per-component by construction, where free logits must
+    learn that nearby values are alike.
+- A head offers ``channel`` (the 256 log-probabilities of one channel at the positions of
+  ``h``, for decoding) and ``log_prob`` (of observed values only: what training and
+  bits/dim need, 256 times cheaper for the mixture).
 """
 
 from __future__ import annotations
@@ -37,7 +46,9 @@ class Config:
     filters: int = 64        # width of both streams
     blocks: int = 6          # gated residual blocks per stream; receptive field ~2 rows each
     dropout: float = 0.0     # inside each gated block, as in PixelCNN++ (which used 0.5)
-    logistic: bool = False   # the head's logistic logit term; False for weights trained before it
+    logistic: bool = False   # the free head's logistic logit term; False for weights trained before it
+    head: str = "free"       # "free" (ChannelHead) or "mixture" (MixtureHead)
+    mixtures: int = 10       # logistics in the mixture head (PixelCNN++: 10)
 
 
 def down_shift(x):  # (B, C, H, W): row i takes row i-1's values, row 0 zeros
@@ -131,6 +142,79 @@ class ChannelHead(nn.Module):
         values = [x[:, k] for k in range(x.shape[1])]
         return torch.stack([self.channel(h, c, values[:c]) for c in range(len(self.out))], dim=1)
 
+    def log_prob(self, h, x):  # -> (B, C, H, W) nats of each observed sub-pixel
+        logp = F.log_softmax(self.forward(h, x), dim=-1)
+        return logp.gather(-1, x.unsqueeze(-1)).squeeze(-1)
+
+
+# Bin edges of the 256 values in the model's [-1, 1] scale; the end bins reach to +-infinity
+# (a large finite edge, so no inf * 0 in a gradient).
+_EDGE = 1.0 / 255.0
+_FAR = 1e8
+
+
+def _edges(v):  # integer values (any shape) -> (lower, upper) bin edges in [-1, 1] units
+    centre = v.double() / 127.5 - 1.0
+    lower = torch.where(v == 0, torch.full_like(centre, -_FAR), centre - _EDGE)
+    upper = torch.where(v == 255, torch.full_like(centre, _FAR), centre + _EDGE)
+    return lower, upper
+
+
+def discretized_logistic_log_prob(lower, upper, mean, log_scale):
+    """log P(lower < X < upper) for X ~ Logistic(mean, exp(log_scale)), stably:
+    sigmoid(a) - sigmoid(b) = sigmoid(a) sigmoid(-b) (1 - exp(b - a))."""
+    inv_s = torch.exp(-log_scale)
+    a, b = (upper - mean) * inv_s, (lower - mean) * inv_s
+    return F.logsigmoid(a) + F.logsigmoid(-b) + torch.log(-torch.expm1(-(upper - lower) * inv_s))
+
+
+class MixtureHead(nn.Module):
+    """Features at one position -> each channel's 256 log-probabilities under a binned
+    mixture of ``mixtures`` logistics (PixelCNN++'s parameterisation, per-channel
+    marginals as in the authors' decoder)."""
+
+    def __init__(self, filters: int, channels: int, mixtures: int):
+        super().__init__()
+        self.mixtures = mixtures
+        self.weights = nn.Linear(filters, mixtures)  # mixture logits, shared by the channels
+        # Channel c: per component a mean, a log scale and one coefficient per earlier channel.
+        self.params = nn.ModuleList(nn.Linear(filters, (2 + c) * mixtures) for c in range(channels))
+        self.register_buffer("values", torch.arange(256), persistent=False)
+
+    def _components(self, h, c: int, previous):
+        """(log mixture weights, means, log scales), each (..., K)."""
+        k = self.mixtures
+        p = self.params[c](h)
+        mean, log_scale = p[..., :k], p[..., k:2 * k].clamp(-7.0, 7.0)
+        for j in range(c):
+            coeff = torch.tanh(p[..., (2 + j) * k:(3 + j) * k])
+            mean = mean + coeff * (previous[j].to(h.dtype) / 127.5 - 1.0).unsqueeze(-1)
+        return F.log_softmax(self.weights(h), dim=-1), mean, log_scale
+
+    def channel(self, h, c: int, previous):  # -> (..., 256) log-probabilities
+        log_w, mean, log_scale = self._components(h, c, previous)
+        lower, upper = (e.to(h.dtype) for e in _edges(self.values))
+        logp = discretized_logistic_log_prob(lower, upper, mean.unsqueeze(-1),
+                                             log_scale.unsqueeze(-1))  # (..., K, 256)
+        return torch.logsumexp(log_w.unsqueeze(-1) + logp, dim=-2)
+
+    def forward(self, h, x):  # h (B, H, W, F); x (B, C, H, W) long -> (B, C, H, W, 256)
+        values = [x[:, k] for k in range(x.shape[1])]
+        return torch.stack([self.channel(h, c, values[:c]) for c in range(len(self.params))], dim=1)
+
+    def log_prob(self, h, x):  # -> (B, C, H, W) nats of each observed sub-pixel
+        values = [x[:, k] for k in range(x.shape[1])]
+        out = []
+        for c in range(len(self.params)):
+            log_w, mean, log_scale = self._components(h, c, values[:c])
+            lower, upper = (e.to(h.dtype).unsqueeze(-1) for e in _edges(values[c]))
+            logp = discretized_logistic_log_prob(lower, upper, mean, log_scale)  # (B, H, W, K)
+            out.append(torch.logsumexp(log_w + logp, dim=-1))
+        return torch.stack(out, dim=1)
+
+
+HEADS = ("free", "mixture")
+
 
 def log_prob(logits, x):  # logits (B, C, H, W, 256), x (B, C, H, W) -> (B,) nats
     logp = F.log_softmax(logits, dim=-1)
@@ -153,7 +237,10 @@ class PixelCNN(nn.Module):
             GatedResnet(f, DownShiftedConv2d, False, config.dropout) for _ in range(config.blocks))
         self.ul_blocks = nn.ModuleList(
             GatedResnet(f, DownRightShiftedConv2d, True, config.dropout) for _ in range(config.blocks))
-        self.head = ChannelHead(f, c, config.logistic)
+        if config.head not in HEADS:
+            raise ValueError(f"unknown head {config.head!r}; choose one of {', '.join(HEADS)}")
+        self.head = (MixtureHead(f, c, config.mixtures) if config.head == "mixture"
+                     else ChannelHead(f, c, config.logistic))
 
     @staticmethod
     def encode(x):  # (B, C, H, W) in 0..255 -> (B, C+1, H, W) in [-1, 1] plus a ones plane
@@ -175,10 +262,140 @@ class PixelCNN(nn.Module):
         return self.head(h, x)
 
     def log_prob(self, x):  # (B, C, H, W) 0..255 -> (B,) log p(x) in nats
-        return log_prob(self.forward(x), x)
+        x = x.long()
+        h = self.features(x).permute(0, 2, 3, 1)
+        return self.head.log_prob(h, x).flatten(1).sum(1)
 
     def bpd(self, x):  # (B, C, H, W) -> (B,) bits per dimension
-        return bpd(self.forward(x), x)
+        return -self.log_prob(x) / (x[0].numel() * math.log(2))
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+# ---- exact incremental decoding ------------------------------------------------------------
+
+class _ConvCache:
+    """A (2 x kw) down-right-shifted convolution evaluated one position at a time.
+
+    Output (i, j) = bias + (row i-1, columns j-kw+1..j) + (row i, the same columns). The
+    row-above part is one batched matmul per row. Within the row each new input is
+    multiplied once: that gives its own output's term and, for kw == 2, its right
+    neighbour's, kept in ``pending``. Memory: two rows of inputs, whatever the step count.
+    """
+
+    def __init__(self, conv: nn.Conv2d, batch: int, width: int, like: torch.Tensor):
+        c_out, c_in, kh, kw = conv.weight.shape
+        w = conv.weight
+        self.kw, self.c_out, self.width = kw, c_out, width
+        self.w_above = w[:, :, 0, :].permute(2, 1, 0).reshape(kw * c_in, c_out)  # rows (dx, c_in)
+        # Columns: this position's term (dx = kw-1), then, for kw == 2, the next one's (dx = 0).
+        self.w_row = torch.cat([w[:, :, 1, kw - 1 - k].t() for k in range(kw)], dim=1)
+        self.bias = conv.bias
+        self.row = like.new_zeros(width + kw - 1, batch, c_in)  # this row's inputs, left-padded
+        self.spare = torch.zeros_like(self.row)
+        self.pending = like.new_zeros(batch, c_out)
+        self.above = None
+
+    def next_row(self):
+        """Start the next row: the finished row becomes the row above."""
+        win = torch.cat([self.row[k:k + self.width] for k in range(self.kw)], dim=-1)
+        self.above = torch.addmm(self.bias, win.reshape(-1, win.shape[-1]),
+                                 self.w_above).view(self.width, -1, self.c_out)  # (W, B, C_out)
+        self.row, self.spare = self.spare, self.row  # the padding column stays zero
+        self.pending = torch.zeros_like(self.pending)
+
+    def step(self, j: int, value):  # value (B, C_in): the input at (i, j) -> output (B, C_out)
+        self.row[j + self.kw - 1] = value
+        z = value @ self.w_row
+        out = self.above[j] + z[:, :self.c_out]
+        if self.kw == 2:
+            out = out + self.pending
+            self.pending = z[:, self.c_out:]
+        return out
+
+
+def _row_conv(conv: nn.Conv2d, prev, cur):
+    """A down-shifted (2 x kw) convolution evaluated for one whole row: prev and cur are
+    the input's rows i-1 and i, (B, C, W); the output row is (B, C_out, W)."""
+    kw = conv.kernel_size[1]
+    strip = torch.stack([prev, cur], dim=2)  # (B, C, 2, W)
+    return F.conv2d(F.pad(strip, (kw // 2, kw // 2, 0, 0)), conv.weight, conv.bias)[:, :, 0]
+
+
+class Decoder:
+    """The model's features position by position in raster order, exactly as ``features``
+    computes them for the whole image, with each layer evaluated once per position (fast
+    PixelCNN++ generation, Ramachandran et al. 2017): the ``u`` stream one row at a time,
+    the ``ul`` stream one pixel at a time from cached inputs.
+
+    Per row: ``next_row()``; then per pixel j: ``features(j)`` (which sees only the pixels
+    fed so far), decide the pixel's values, ``feed(j, values)``.
+    """
+
+    @torch.no_grad()
+    def __init__(self, model: PixelCNN, batch: int, width: int, device=None):
+        self.model, self.b, self.w = model, batch, width
+        self.dt = dt = model.u_init.weight.dtype
+        f, c = model.config.filters, model.config.channels
+        zeros_row = torch.zeros(batch, c + 1, width, dtype=dt, device=device)
+        # u stream: the previous row of every convolution's input, (B, 2F, W).
+        self.u_prev = [[torch.zeros(batch, 2 * f, width, dtype=dt, device=device) for _ in range(2)]
+                       for _ in model.u_blocks]
+        # ul stream: position-by-position caches of every convolution.
+        self.left = _ConvCache(model.ul_init_left, batch, width, zeros_row)
+        self.ul_caches = [(_ConvCache(blk.conv1, batch, width, zeros_row),
+                           _ConvCache(blk.conv2, batch, width, zeros_row)) for blk in model.ul_blocks]
+        self.x_rows = [zeros_row, zeros_row]  # encoded input rows i-2 and i-1, (B, C+1, W)
+        self.current = zeros_row.clone()     # encoded input row i, filled by feed()
+        self.row = -1
+
+    @torch.no_grad()
+    def next_row(self) -> None:
+        """The u stream for the next row, and everything of the ul stream that only looks up."""
+        model, b, w, dt = self.model, self.b, self.w, self.dt
+        f = model.config.filters
+        if self.row >= 0:
+            self.x_rows = [self.x_rows[1], self.current]
+            self.current = torch.zeros_like(self.current)
+        self.row += 1
+        if self.row == 0:
+            u = self.current.new_zeros(b, f, w)
+            self.up = self.current.new_zeros(w, b, f)
+        else:
+            u = _row_conv(model.u_init, *self.x_rows)  # down_shift(u_init)(i)
+            self.up = F.conv2d(F.pad(self.x_rows[1][:, :, None], (1, 1, 0, 0)),
+                               model.ul_init_up.weight,
+                               model.ul_init_up.bias)[:, :, 0].permute(2, 0, 1)  # (W, B, F)
+        self.aux = []
+        for blk, ul_blk, cache in zip(model.u_blocks, model.ul_blocks, self.u_prev):
+            cu = concat_elu(u)
+            c1 = _row_conv(blk.conv1, cache[0], cu)
+            cache[0] = cu
+            c1 = concat_elu(c1)
+            c2 = _row_conv(blk.conv2, cache[1], c1)
+            cache[1] = c1
+            ga, gb = c2.chunk(2, dim=1)
+            u = u + ga * torch.sigmoid(gb)
+            self.aux.append(F.conv1d(concat_elu(u), ul_blk.aux.weight[..., 0],
+                                     ul_blk.aux.bias).permute(2, 0, 1))  # (W, B, F)
+        for cache in (self.left, *[c for pair in self.ul_caches for c in pair]):
+            cache.next_row()
+        self.from_left = 0.0  # right_shift(ul_init_left(x))(i, j): the conv's output at (i, j-1)
+
+    @torch.no_grad()
+    def features(self, j: int) -> torch.Tensor:
+        """h at (row, j), (B, F): what the head reads there."""
+        ul = self.up[j] + self.from_left
+        for (cache1, cache2), a in zip(self.ul_caches, self.aux):
+            c1 = concat_elu(cache1.step(j, concat_elu(ul)) + a[j])
+            ga, gb = cache2.step(j, c1).chunk(2, dim=1)
+            ul = ul + ga * torch.sigmoid(gb)
+        return F.elu(ul)
+
+    @torch.no_grad()
+    def feed(self, j: int, values: torch.Tensor) -> None:
+        """The decided values (B, C) of pixel (row, j): context for everything after it."""
+        encoded = PixelCNN.encode(values[:, :, None, None])[:, :, 0, 0].to(self.dt)  # (B, C+1)
+        self.current[:, :, j] = encoded
+        self.from_left = self.left.step(j, encoded)

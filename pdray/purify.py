@@ -7,10 +7,9 @@ input. Two implementations make the same decisions:
 - ``reference``: Algorithm 1 literally, one full PixelCNN pass per sub-pixel. Slow;
   the ground truth for tests.
 - ``fast``: the decision at a pixel depends only on the (already final) pixels before
-  it, so each layer's output is computed once per position from cached inputs, as in
-  fast PixelCNN++ generation (Ramachandran et al. 2017): the ``u`` stream one row at a
-  time, the ``ul`` stream one pixel at a time, then the channel head for each channel.
-  Caches hold two rows per convolution, whatever the image size or step count.
+  it, so the model's incremental ``Decoder`` computes each layer once per position from
+  cached inputs (fast PixelCNN++ generation, Ramachandran et al. 2017), then the head
+  gives each channel's 256-way distribution in turn.
 
 Both take and return uint8 NHWC arrays; eps_defend is one value or one per image (0
 leaves an image untouched, which is how adaptive PixelDefend skips likely images). Each
@@ -29,7 +28,7 @@ import torch.nn.functional as F
 
 from pdray.errors import PdrayError, parse_choice
 from pdray.evaluate import bits_per_dim
-from pdray.pixelcnn import PixelCNN, concat_elu
+from pdray.pixelcnn import Decoder, PixelCNN
 
 
 class Method(str, Enum):
@@ -87,106 +86,20 @@ def reference_batch(model: PixelCNN, x: torch.Tensor, eps: torch.Tensor,
 
 # ---- fast: the same decisions with cached activations ---------------------------------------
 
-class _ConvCache:
-    """A (2 x kw) down-right-shifted convolution evaluated one position at a time.
-
-    Output (i, j) = bias + (row i-1, columns j-kw+1..j) + (row i, the same columns). The
-    row-above part is one batched matmul per row. Within the row each new input is
-    multiplied once: that gives its own output's term and, for kw == 2, its right
-    neighbour's, kept in ``pending``. Memory: two rows of inputs, whatever the step count.
-    """
-
-    def __init__(self, conv: torch.nn.Conv2d, batch: int, width: int, like: torch.Tensor):
-        c_out, c_in, kh, kw = conv.weight.shape
-        w = conv.weight
-        self.kw, self.c_out, self.width = kw, c_out, width
-        self.w_above = w[:, :, 0, :].permute(2, 1, 0).reshape(kw * c_in, c_out)  # rows (dx, c_in)
-        # Columns: this position's term (dx = kw-1), then, for kw == 2, the next one's (dx = 0).
-        self.w_row = torch.cat([w[:, :, 1, kw - 1 - k].t() for k in range(kw)], dim=1)
-        self.bias = conv.bias
-        self.row = like.new_zeros(width + kw - 1, batch, c_in)  # this row's inputs, left-padded
-        self.spare = torch.zeros_like(self.row)
-        self.pending = like.new_zeros(batch, c_out)
-        self.above = None
-
-    def next_row(self):
-        """Start the next row: the finished row becomes the row above."""
-        win = torch.cat([self.row[k:k + self.width] for k in range(self.kw)], dim=-1)
-        self.above = torch.addmm(self.bias, win.reshape(-1, win.shape[-1]),
-                                 self.w_above).view(self.width, -1, self.c_out)  # (W, B, C_out)
-        self.row, self.spare = self.spare, self.row  # the padding column stays zero
-        self.pending = torch.zeros_like(self.pending)
-
-    def step(self, j: int, value):  # value (B, C_in): the input at (i, j) -> output (B, C_out)
-        self.row[j + self.kw - 1] = value
-        z = value @ self.w_row
-        out = self.above[j] + z[:, :self.c_out]
-        if self.kw == 2:
-            out = out + self.pending
-            self.pending = z[:, self.c_out:]
-        return out
-
-
-def _row_conv(conv: torch.nn.Conv2d, prev, cur):
-    """A down-shifted (2 x kw) convolution evaluated for one whole row: prev and cur are
-    the input's rows i-1 and i, (B, C, W); the output row is (B, C_out, W)."""
-    kw = conv.kernel_size[1]
-    strip = torch.stack([prev, cur], dim=2)  # (B, C, 2, W)
-    return F.conv2d(F.pad(strip, (kw // 2, kw // 2, 0, 0)), conv.weight, conv.bias)[:, :, 0]
-
-
 @torch.no_grad()
 def fast_batch(model: PixelCNN, x: torch.Tensor,
                eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The decisions of ``reference_batch``, computing each layer once per position."""
+    """The decisions of ``reference_batch``, with the model's incremental decoder: one
+    network step per pixel, then the head once per channel."""
     b, c, h, w = x.shape
-    dt = model.u_init.weight.dtype
     xs = x.clone()
     lo, hi = _bounds(x, eps)
     logp = torch.zeros(b, dtype=torch.float64, device=x.device)
-    enc = lambda v: PixelCNN.encode(v).to(dt)  # noqa: E731  (B, C, ...) -> (B, C+1, ...)
-    zeros_row = torch.zeros(b, c + 1, w, dtype=dt, device=x.device)
-    f = model.config.filters
-    # u stream: the previous row of every convolution's input, (B, 2F, W).
-    u_prev = [[torch.zeros(b, 2 * f, w, dtype=dt, device=x.device) for _ in range(2)]
-              for _ in model.u_blocks]
-    # ul stream: position-by-position caches of every convolution.
-    left = _ConvCache(model.ul_init_left, b, w, zeros_row)
-    ul_caches = [(_ConvCache(blk.conv1, b, w, zeros_row), _ConvCache(blk.conv2, b, w, zeros_row))
-                 for blk in model.ul_blocks]
-    x_rows = [zeros_row, zeros_row]  # encoded input rows i-2 and i-1, (B, C+1, W)
+    decoder = Decoder(model, b, w, x.device)
     for i in range(h):
-        # --- the u stream for row i, and everything of the ul stream that only looks up.
-        if i == 0:
-            u = torch.zeros(b, f, w, dtype=dt, device=x.device)
-            up = torch.zeros(w, b, f, dtype=dt, device=x.device)
-        else:
-            u = _row_conv(model.u_init, x_rows[0], x_rows[1])  # down_shift(u_init)(i)
-            up = F.conv2d(F.pad(x_rows[1][:, :, None], (1, 1, 0, 0)), model.ul_init_up.weight,
-                          model.ul_init_up.bias)[:, :, 0].permute(2, 0, 1)  # (W, B, F)
-        aux = []
-        for blk, ul_blk, cache in zip(model.u_blocks, model.ul_blocks, u_prev):
-            cu = concat_elu(u)
-            c1 = _row_conv(blk.conv1, cache[0], cu)
-            cache[0] = cu
-            c1 = concat_elu(c1)
-            c2 = _row_conv(blk.conv2, cache[1], c1)
-            cache[1] = c1
-            ga, gb = c2.chunk(2, dim=1)
-            u = u + ga * torch.sigmoid(gb)
-            aux.append(F.conv1d(concat_elu(u), ul_blk.aux.weight[..., 0],
-                                ul_blk.aux.bias).permute(2, 0, 1))  # (W, B, F)
-        for cache in (left, *[c for pair in ul_caches for c in pair]):
-            cache.next_row()
-        # --- the ul stream and the head, pixel by pixel.
-        from_left = 0.0  # right_shift(ul_init_left(x))(i, j): the conv's output at (i, j-1)
+        decoder.next_row()
         for j in range(w):
-            ul = up[j] + from_left
-            for (cache1, cache2), a in zip(ul_caches, aux):
-                c1 = concat_elu(cache1.step(j, concat_elu(ul)) + a[j])
-                ga, gb = cache2.step(j, c1).chunk(2, dim=1)
-                ul = ul + ga * torch.sigmoid(gb)
-            hj = F.elu(ul)
+            hj = decoder.features(j)
             decided = []
             for k in range(c):
                 logits = model.head.channel(hj, k, decided)
@@ -194,8 +107,7 @@ def fast_batch(model: PixelCNN, x: torch.Tensor,
                 xs[:, k, i, j] = v
                 logp += _log_prob_of(logits, v)
                 decided.append(v)
-            from_left = left.step(j, enc(xs[:, :, i, j]))
-        x_rows = [x_rows[1], enc(xs[:, :, i])]
+            decoder.feed(j, xs[:, :, i, j])
     return xs, logp
 
 
