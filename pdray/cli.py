@@ -167,6 +167,25 @@ def adaptive_threshold_cmd(dataset: str = typer.Option(..., "--dataset"),
                                    _list(eps_attack, float), n_images, data_dir), as_json)
 
 
+@app.command("ablate")
+def ablate_cmd(dataset: str = typer.Option(..., "--dataset"),
+               pixelcnn: str = typer.Option(..., "--pixelcnn",
+                                            help="A shipped PixelCNN's name, or a weights or training-state file."),
+               classifier: Optional[str] = typer.Option(None, "--classifier"),
+               n_images: int = typer.Option(256, "--n-images", help="First N validation images."),
+               jpeg_quality: int = typer.Option(0, "--jpeg-quality", min=0, max=100,
+                                                help="JPEG-compress the images first; 0: off."),
+               eps_attack: int = typer.Option(8, "--eps-attack"),
+               eps_defend: int = typer.Option(..., "--eps-defend"),
+               data_dir: Optional[Path] = DataDir,
+               as_json: bool = typer.Option(False, "--json")):
+    """Where purification takes clean, FGSM and BIM validation images (pdray.ablation)."""
+    from pdray import ablation
+
+    emit(ablation.run(dataset, pixelcnn, classifier, n_images=n_images, jpeg_quality=jpeg_quality,
+                      eps_attack=eps_attack, eps_defend=eps_defend, data_dir=data_dir), as_json)
+
+
 def _list(value: Optional[str], cast=str):
     return [cast(v.strip()) for v in value.split(",") if v.strip()] if value else None
 
@@ -290,6 +309,10 @@ def train_pixelcnn(
         dropout: float = typer.Option(0.0, "--dropout"),
         logistic: bool = typer.Option(True, "--logistic/--no-logistic",
                                       help="Add the head's logistic logit term (learns far faster)."),
+        head: str = typer.Option("free", "--head",
+                                 help="free: 256 free logits per channel; mixture: PixelCNN++'s "
+                                      "discretized mixture of logistics, binned to 256."),
+        mixtures: int = typer.Option(10, "--mixtures", min=1, help="Logistics in the mixture head."),
         compile: bool = typer.Option(True, "--compile/--no-compile",
                                      help="torch.compile the training forward."),
         steps: int = typer.Option(6000, "--steps", help="Total steps; raise and rerun to go on."),
@@ -298,6 +321,9 @@ def train_pixelcnn(
         grad_clip: float = typer.Option(10.0, "--grad-clip", help="Max gradient norm; 0: off."),
         report_every: int = typer.Option(300, "--report-every"),
         eval_images: int = typer.Option(1000, "--eval-images"),
+        jpeg_quality: int = typer.Option(0, "--jpeg-quality", min=0, max=100,
+                                         help="Train and score on JPEG copies at this quality "
+                                              "(the data control of pdray.ablation); 0: off."),
         data_dir: Optional[Path] = DataDir,
         resume_from: Optional[Path] = typer.Option(None, "--resume-from"),
         workers: int = typer.Option(1, "--workers"),
@@ -310,10 +336,10 @@ def train_pixelcnn(
     from pdray import train
 
     cfg = train.PixelCNNConfig(dataset=dataset, filters=filters, blocks=blocks, dropout=dropout,
-                               logistic=logistic, compile=compile,
+                               logistic=logistic, head=head, mixtures=mixtures, compile=compile,
                                steps=steps, batch_size=batch_size, lr=lr, grad_clip=grad_clip,
                                report_every=report_every, eval_images=eval_images,
-                               data_dir=str(data_dir) if data_dir else None,
+                               jpeg_quality=jpeg_quality, data_dir=str(data_dir) if data_dir else None,
                                resume_from=str(resume_from) if resume_from else None)
     scaling = train.Scaling(num_workers=workers, use_gpu=gpu, cpus_per_worker=cpus_per_worker,
                             runs_dir=str(runs_dir))

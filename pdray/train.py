@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pdray import attacks, classifiers, data, zoo
+from pdray import ablation, attacks, classifiers, data, pixelcnn, zoo
 from pdray.errors import PdrayError
 from pdray.evaluate import bits_per_dim, predict
 
@@ -274,6 +274,8 @@ class PixelCNNConfig:
     blocks: int = 6
     dropout: float = 0.0           # CPU-scale runs underfit; PixelCNN++ used 0.5 over 1000s of epochs
     logistic: bool = True          # the head's logistic logit term (pdray.pixelcnn): learns far faster
+    head: str = "free"             # "free" logits or a "mixture" of logistics (pdray.pixelcnn)
+    mixtures: int = 10
     compile: bool = True           # torch.compile the training forward: ~1.5x faster on CPU
     steps: int = 6000              # total optimiser steps; raise it and rerun to train on
     batch_size: int = 64           # global; split across workers
@@ -286,27 +288,36 @@ class PixelCNNConfig:
     report_every: int = 300        # steps between checkpoints and test bits/dim
     eval_images: int = 1000        # test images scored at each report
     seed: int = 0
+    jpeg_quality: int = 0          # > 0: train and score on JPEG copies (pdray.ablation's control)
     data_dir: str | None = None
     resume_from: str | None = None
 
     @property
     def name(self) -> str:
-        return f"{self.dataset}-pixelcnn"
+        return f"{self.dataset}-pixelcnn" + (f"-jpeg{self.jpeg_quality}" if self.jpeg_quality else "")
 
     def model_config(self):
-        from pdray import pixelcnn
-
         return pixelcnn.Config(channels=data.SHAPE[data.parse_dataset(self.dataset)][2],
                                filters=self.filters, blocks=self.blocks, dropout=self.dropout,
-                               logistic=self.logistic)
+                               logistic=self.logistic, head=self.head, mixtures=self.mixtures)
+
+
+class BitsPerDim(torch.nn.Module):
+    """The PixelCNN's training objective as a module: DDP syncs gradients through a
+    module's forward, and the head's ``log_prob`` is far cheaper than its 256-way logits."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):  # (B, C, H, W) 0..255 -> (B,) bits per dimension
+        return self.model.bpd(x)
 
 
 def pixelcnn_loop(config: dict) -> None:
     """One Ray Train worker's maximum-likelihood training of the PixelCNN."""
     import ray.train.torch
     from torch.optim.swa_utils import AveragedModel
-
-    from pdray import pixelcnn
 
     driver_cwd = config.pop("driver_cwd", ".")
     cfg = PixelCNNConfig(**config)
@@ -329,16 +340,18 @@ def pixelcnn_loop(config: dict) -> None:
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
         step, wall = state["step"], state["wall_time_s"]
-    model = ray.train.torch.prepare_model(model)
-    core = unwrap(model)
-    forward = torch.compile(model) if cfg.compile else model
-    train_x = d.fit.images
+    objective = ray.train.torch.prepare_model(BitsPerDim(model))
+    core = unwrap(objective).model
+    forward = torch.compile(objective) if cfg.compile else objective
+    train_x, test_x = d.fit.images, d.test.images
+    if cfg.jpeg_quality:
+        train_x, test_x = ablation.jpeg(train_x, cfg.jpeg_quality), ablation.jpeg(test_x, cfg.jpeg_quality)
     per_epoch = len(train_x) // cfg.batch_size
 
     def checkpoint(train_bpd: float | None) -> None:
-        n_eval = min(cfg.eval_images, len(d.test.labels))
-        bpd = float(bits_per_dim(ema.module.eval(), d.test.images[:n_eval]).mean())
-        bpd_raw = float(bits_per_dim(core.eval(), d.test.images[:n_eval]).mean())
+        n_eval = min(cfg.eval_images, len(test_x))
+        bpd = float(bits_per_dim(ema.module.eval(), test_x[:n_eval]).mean())
+        bpd_raw = float(bits_per_dim(core.eval(), test_x[:n_eval]).mean())
         metrics = {"test_bpd": bpd, "test_bpd_raw": bpd_raw, "eval_images": n_eval,
                    "step": step, "epoch": step / per_epoch, "train_bpd": train_bpd,
                    "wall_time_s": wall}
@@ -366,7 +379,7 @@ def pixelcnn_loop(config: dict) -> None:
             x = torch.from_numpy(train_x[idx].transpose(0, 3, 1, 2).copy()).to(device)
             for g in opt.param_groups:
                 g["lr"] = cfg.lr * cfg.lr_decay ** step
-            loss = pixelcnn.bpd(forward(x), x).mean()  # through forward, so DDP syncs
+            loss = forward(x).mean()  # through the wrapped module, so DDP syncs
             opt.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(core.parameters(),
@@ -390,8 +403,6 @@ def pixelcnn_loop(config: dict) -> None:
 def check_resumable(cfg: PixelCNNConfig, scaling: Scaling) -> None:
     """A resumed run must build the model it was trained as: say so here, in one
     paragraph, rather than as a worker's state-dict traceback."""
-    from pdray import pixelcnn
-
     ray_states = sorted(Path(scaling.runs_dir, cfg.name).glob("checkpoint_*/state.pt"))
     source = ray_states[-1] if ray_states else (
         Path(cfg.resume_from) if cfg.resume_from and Path(cfg.resume_from).is_file() else None)
@@ -412,6 +423,8 @@ def check_resumable(cfg: PixelCNNConfig, scaling: Scaling) -> None:
 
 def train_pixelcnn(cfg: PixelCNNConfig, scaling: Scaling, ship: bool = False) -> dict:
     data.parse_dataset(cfg.dataset)
+    if cfg.head not in pixelcnn.HEADS:
+        raise PdrayError(f"Unknown PixelCNN head {cfg.head!r}: choose one of {', '.join(pixelcnn.HEADS)}.")
     check_resumable(cfg, scaling)
     result = fit(pixelcnn_loop, asdict(cfg), cfg.name, scaling)
     out = finish(result, cfg.name, ship)

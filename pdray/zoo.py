@@ -47,7 +47,8 @@ def entry(name: str) -> dict:
 
 
 def load_checkpoint(path: str | Path, expected_sha256: str | None = None) -> dict:
-    """Load a weights or training-state file safely, with a clear error if it is bad."""
+    """Load a weights or training-state file safely, with a clear error if it is bad. A
+    training state stands for the model it would ship: its averaged weights."""
     path = Path(path)
     if not path.is_file():
         raise PdrayError(f"Checkpoint {path} does not exist.")
@@ -61,8 +62,10 @@ def load_checkpoint(path: str | Path, expected_sha256: str | None = None) -> dic
         raise PdrayError(f"Checkpoint {path} cannot be read ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''}). It is corrupt or "
                          f"not a pdray checkpoint.") from None
+    if isinstance(ckpt, dict) and "state_dict" not in ckpt and isinstance(ckpt.get("model"), dict):
+        ckpt = {**ckpt, "state_dict": ckpt["model"]}  # a training state: its averaged weights
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "kind" not in ckpt:
-        raise PdrayError(f"Checkpoint {path} is not a pdray weights file.")
+        raise PdrayError(f"Checkpoint {path} is not a pdray weights file or training state.")
     return ckpt
 
 

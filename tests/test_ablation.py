@@ -1,0 +1,44 @@
+import numpy as np
+import pytest
+
+from pdray import ablation, train, zoo
+from conftest import tiny_classifier, tiny_pixelcnn
+
+
+def test_jpeg_copy_matches_the_error_it_is_chosen_for(fmnist_samples, cifar_samples):
+    images = fmnist_samples[0]
+    copy = ablation.jpeg(images, ablation.FMNIST_MATCHED_QUALITY)
+    assert copy.dtype == np.uint8 and copy.shape == images.shape
+    error = np.abs(copy.astype(int) - images).mean()
+    assert 4.0 < error < 9.0  # the CIFAR-10 copy's 6.24, on 20 images rather than 2,000
+    assert np.abs(ablation.jpeg(images, 100).astype(int) - images).mean() < 1.0
+    assert ablation.jpeg(cifar_samples[0][:2], 75).shape == (2, 32, 32, 3)
+
+
+def test_probe_reports_where_purification_goes(fmnist_samples):
+    images, labels = fmnist_samples[0][:4], fmnist_samples[1][:4]
+    pixelcnn, classifier = tiny_pixelcnn(1), tiny_classifier(1)
+    untouched = ablation.probe(pixelcnn, classifier, images, labels, eps_defend=0,
+                               inputs=("clean", "fgsm"))
+    assert [r["input"] for r in untouched] == ["clean", "fgsm"]
+    for r in untouched:  # eps_defend 0 leaves every image as it is
+        assert r["accuracy_after"] == r["accuracy_before"]
+        assert r["purified_to_clean"] == r["input_to_clean"]
+        assert r["bpd_after"] == pytest.approx(r["bpd_before"])
+    assert untouched[0]["input_to_clean"] == 0 and untouched[1]["input_to_clean"] > 0
+    moved = ablation.probe(pixelcnn, classifier, images, labels, eps_defend=4, inputs=("clean",))[0]
+    assert 0 < moved["purified_to_clean"] <= 4 and 0 < moved["edge_fraction"] <= 1
+
+
+def test_mixture_head_on_jpeg_data_trains_and_its_state_loads(ray_local, tmp_path):
+    """The ablation's two new knobs go through the real training loop, and a training
+    state loads as the model it would ship (its averaged weights)."""
+    cfg = train.PixelCNNConfig(dataset="fmnist", filters=8, blocks=1, head="mixture", mixtures=2,
+                               jpeg_quality=44, steps=1, batch_size=8, compile=False,
+                               report_every=1, eval_images=8)
+    assert cfg.name == "fmnist-pixelcnn-jpeg44"
+    result = train.train_pixelcnn(cfg, train.Scaling(runs_dir=str(tmp_path)))
+    assert result["metrics"]["step"] == 1 and result["metrics"]["test_bpd"] > 0
+    state = sorted((tmp_path / cfg.name).glob("checkpoint_*/state.pt"))[-1]
+    model, ckpt = zoo.load(state)
+    assert model.config.head == "mixture" and ckpt["kind"] == "pixelcnn"
