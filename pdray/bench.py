@@ -36,6 +36,25 @@ def peak_mem_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+class _ArtProbabilities(torch.nn.Module):
+    """The PixelCNN as ART's PixelDefend reads it. ART takes the output of the wrapped
+    module's last child (``get_activations(layer=-1)``), so the probabilities must come out
+    of a child, not of ``forward``, flattened in its input's (H, W, C) order. Inputs are
+    (v + 0.5) / 255: ART truncates x * 255 to uint8, and floor recovers v here alike."""
+
+    class Softmax(torch.nn.Module):
+        def forward(self, logits):  # (N, C, H, W, 256) -> (N, H*W*C*256)
+            return torch.softmax(logits, -1).permute(0, 2, 3, 1, 4).reshape(len(logits), -1)
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.softmax = self.Softmax()
+
+    def forward(self, x):  # (N, H, W, C) in [0, 1]
+        return self.softmax(self.model(torch.floor(x * 255).long().permute(0, 3, 1, 2)))
+
+
 def art_pixeldefend(model, images: np.ndarray, eps_defend: int, batch_size: int) -> np.ndarray:
     """IBM ART 1.20.1's PixelDefend around the same PixelCNN, for comparison. It is not
     Algorithm 1: it runs the model once on the unpurified image and picks every value from
@@ -48,24 +67,16 @@ def art_pixeldefend(model, images: np.ndarray, eps_defend: int, batch_size: int)
     except ImportError:
         raise PdrayError("--art needs IBM ART: pip install adversarial-robustness-toolbox==1.20.1"
                          ) from None
-
-    class Probabilities(torch.nn.Module):
-        """ART wants per-sub-pixel probabilities in its input's (H, W, C) order."""
-
-        def __init__(self):
-            super().__init__()
-            self.model = model
-
-        def forward(self, x):  # (N, H, W, C) in [0, 1] -> (N, H*W*C*256)
-            p = torch.softmax(self.model(torch.round(x * 255).long().permute(0, 3, 1, 2)), -1)
-            return p.permute(0, 2, 3, 1, 4).reshape(len(x), -1)
-
-    estimator = PyTorchClassifier(Probabilities(), loss=torch.nn.CrossEntropyLoss(),
+    estimator = PyTorchClassifier(_ArtProbabilities(model), loss=torch.nn.CrossEntropyLoss(),
                                   input_shape=images.shape[1:], nb_classes=256,
                                   clip_values=(0.0, 1.0), device_type=str(torch_device().type))
     defense = PixelDefend(eps=eps_defend, pixel_cnn=estimator, batch_size=batch_size)
     defense.eps = np.int64(eps_defend)  # the uint8 wrap-around fix described above
-    out, _ = defense(images.astype(np.float32) / 255.0)
+    try:
+        out, _ = defense((images.astype(np.float32) + 0.5) / 255.0)
+    except Exception as e:  # a third-party comparison: its failure is a message, not a traceback
+        raise PdrayError(f"IBM ART's PixelDefend failed ({type(e).__name__}: {e}); the fast and "
+                         f"reference purifiers are unaffected. Rerun without --art.") from None
     return np.rint(out * 255.0).astype(np.uint8)
 
 
