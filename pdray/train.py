@@ -294,7 +294,8 @@ class PixelCNNConfig:
 
     @property
     def name(self) -> str:
-        return f"{self.dataset}-pixelcnn" + (f"-jpeg{self.jpeg_quality}" if self.jpeg_quality else "")
+        return (f"{self.dataset}-pixelcnn" + (f"-{self.head}" if self.head != "free" else "")
+                + (f"-jpeg{self.jpeg_quality}" if self.jpeg_quality else ""))
 
     def model_config(self):
         return pixelcnn.Config(channels=data.SHAPE[data.parse_dataset(self.dataset)][2],

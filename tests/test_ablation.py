@@ -36,7 +36,7 @@ def test_mixture_head_on_jpeg_data_trains_and_its_state_loads(ray_local, tmp_pat
     cfg = train.PixelCNNConfig(dataset="fmnist", filters=8, blocks=1, head="mixture", mixtures=2,
                                jpeg_quality=44, steps=1, batch_size=8, compile=False,
                                report_every=1, eval_images=8)
-    assert cfg.name == "fmnist-pixelcnn-jpeg44"
+    assert cfg.name == "fmnist-pixelcnn-mixture-jpeg44"  # its own run folder and model name
     result = train.train_pixelcnn(cfg, train.Scaling(runs_dir=str(tmp_path)))
     assert result["metrics"]["step"] == 1 and result["metrics"]["test_bpd"] > 0
     state = sorted((tmp_path / cfg.name).glob("checkpoint_*/state.pt"))[-1]
