@@ -61,12 +61,23 @@ def probe(pixelcnn, classifier, images: np.ndarray, labels: np.ndarray, *, eps_a
     return rows
 
 
+def load_density(pixelcnn: str, last_weights: bool = False):
+    """A shipped PixelCNN by name, or a weights or training-state file. ``last_weights``
+    takes a training state's last optimiser weights instead of its running average: runs
+    made with different averaging compare fairly that way."""
+    if not last_weights:
+        return zoo.load(pixelcnn, torch_device())[0]
+    ckpt = zoo.load_checkpoint(pixelcnn)
+    if "train_model" not in ckpt:
+        raise PdrayError(f"--last-weights needs a training state; {pixelcnn} is a weights file.")
+    return zoo.build({**ckpt, "state_dict": ckpt["train_model"]}).to(torch_device())
+
+
 def run(dataset: str, pixelcnn: str, classifier: str | None = None, *, n_images: int = 256,
-        jpeg_quality: int = 0, eps_attack: int = 8, eps_defend: int = 16,
+        jpeg_quality: int = 0, eps_attack: int = 8, eps_defend: int = 16, last_weights: bool = False,
         data_dir=None) -> list[dict]:
     """``probe`` on the first ``n_images`` validation images (the held-out tail of the
-    training split: never tune on the test set), optionally JPEG-compressed first.
-    ``pixelcnn`` is a shipped model's name or a weights / training-state file."""
+    training split: never tune on the test set), optionally JPEG-compressed first."""
     d = data.load(dataset, data_dir)
     split = d.validation
     if not 1 <= n_images <= len(split.labels):
@@ -75,7 +86,7 @@ def run(dataset: str, pixelcnn: str, classifier: str | None = None, *, n_images:
     if jpeg_quality:
         images = jpeg(images, jpeg_quality)
     device = torch_device()
-    density, _ = zoo.load(pixelcnn, device)
+    density = load_density(pixelcnn, last_weights)
     if density.config.channels != images.shape[-1]:
         raise PdrayError(f"{pixelcnn} models {density.config.channels}-channel images; "
                          f"{d.dataset.value} has {images.shape[-1]}.")
@@ -83,5 +94,6 @@ def run(dataset: str, pixelcnn: str, classifier: str | None = None, *, n_images:
     attacks.check_eps(eps_attack), attacks.check_eps(eps_defend, "eps_defend")
     rows = probe(density, model, images, labels, eps_attack=eps_attack, eps_defend=eps_defend)
     for row in rows:
-        row.update(dataset=d.dataset.value, pixelcnn=str(pixelcnn), jpeg_quality=jpeg_quality)
+        row.update(dataset=d.dataset.value, pixelcnn=str(pixelcnn), last_weights=last_weights,
+                   jpeg_quality=jpeg_quality)
     return rows

@@ -177,13 +177,16 @@ def ablate_cmd(dataset: str = typer.Option(..., "--dataset"),
                                                 help="JPEG-compress the images first; 0: off."),
                eps_attack: int = typer.Option(8, "--eps-attack"),
                eps_defend: int = typer.Option(..., "--eps-defend"),
+               last_weights: bool = typer.Option(False, "--last-weights",
+                                                 help="A training state's last weights, not their average."),
                data_dir: Optional[Path] = DataDir,
                as_json: bool = typer.Option(False, "--json")):
     """Where purification takes clean, FGSM and BIM validation images (pdray.ablation)."""
     from pdray import ablation
 
     emit(ablation.run(dataset, pixelcnn, classifier, n_images=n_images, jpeg_quality=jpeg_quality,
-                      eps_attack=eps_attack, eps_defend=eps_defend, data_dir=data_dir), as_json)
+                      eps_attack=eps_attack, eps_defend=eps_defend, last_weights=last_weights,
+                      data_dir=data_dir), as_json)
 
 
 def _list(value: Optional[str], cast=str):

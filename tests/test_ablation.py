@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from pdray import ablation, train, zoo
 from conftest import tiny_classifier, tiny_pixelcnn
@@ -34,11 +35,13 @@ def test_mixture_head_on_jpeg_data_trains_and_its_state_loads(ray_local, tmp_pat
     """The ablation's two new knobs go through the real training loop, and a training
     state loads as the model it would ship (its averaged weights)."""
     cfg = train.PixelCNNConfig(dataset="fmnist", filters=8, blocks=1, head="mixture", mixtures=2,
-                               jpeg_quality=44, steps=1, batch_size=8, compile=False,
-                               report_every=1, eval_images=8)
+                               jpeg_quality=44, steps=2, batch_size=8, compile=False,
+                               report_every=2, eval_images=8)
     assert cfg.name == "fmnist-pixelcnn-mixture-jpeg44"  # its own run folder and model name
     result = train.train_pixelcnn(cfg, train.Scaling(runs_dir=str(tmp_path)))
-    assert result["metrics"]["step"] == 1 and result["metrics"]["test_bpd"] > 0
+    assert result["metrics"]["step"] == 2 and result["metrics"]["test_bpd"] > 0
     state = sorted((tmp_path / cfg.name).glob("checkpoint_*/state.pt"))[-1]
     model, ckpt = zoo.load(state)
     assert model.config.head == "mixture" and ckpt["kind"] == "pixelcnn"
+    last = ablation.load_density(str(state), last_weights=True)
+    assert not torch.equal(last.head.weights.weight, model.head.weights.weight)  # not the average
