@@ -87,3 +87,31 @@ def test_feature_squeeze_is_xu_et_al_s_median():
             window = q[:, rows][:, :, cols].reshape(2, 4, 3)
             expected[:, i, j] = np.sort(window, axis=1)[:, 2]
     assert np.array_equal(purify.feature_squeeze(images), np.rint(expected).astype(np.uint8))
+
+
+def _monotone_pixelcnn(channels: int, towards: int):
+    """A PixelCNN whose every conditional is known: the head's weights are zero and its
+    bias rises (towards 255) or falls (towards 0) by one per value, so the most likely
+    feasible value is an end of the feasible range, whatever the context."""
+    model = tiny_pixelcnn(channels, logistic=False)
+    with torch.no_grad():
+        for out in model.head.out:
+            out.weight.zero_()
+            out.bias.copy_(torch.arange(256.0) * (1.0 if towards == 255 else -1.0))
+    return model
+
+
+@pytest.mark.parametrize("method", ["fast", "reference"])
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("towards", [0, 255])
+def test_purifier_reaches_exactly_the_ends_of_the_feasible_range(method, channels, towards):
+    """The feasible range is [max(x - eps, 0), min(x + eps, 255)]: both ends are reachable
+    and nothing beyond them, at the pixel values 0 and 255 and next to them."""
+    values = np.array([0, 1, 7, 8, 9, 100, 246, 247, 248, 254, 255, 128])
+    images = np.stack([np.roll(values, k) for k in range(4 * channels)]).reshape(4, 3, 4, channels)
+    images = images.astype(np.uint8)
+    eps = np.array([8, 1, 255, 0])
+    out = purify.pixeldefend(_monotone_pixelcnn(channels, towards), images, eps, method=method)
+    x, e = images.astype(int), eps[:, None, None, None]
+    expected = np.maximum(x - e, 0) if towards == 0 else np.minimum(x + e, 255)
+    assert np.array_equal(out, expected.astype(np.uint8))
