@@ -25,6 +25,7 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 from pdray.errors import PdrayError, parse_choice
 from pdray.evaluate import bits_per_dim
@@ -37,15 +38,19 @@ class Method(str, Enum):
 
 
 def feature_squeeze(images: np.ndarray, levels: int = 32) -> np.ndarray:
-    """Xu et al.'s squeezing as Appendix C sets it up: reduce to ``levels`` colour levels,
-    then a 2x2 median filter with reflective padding. uint8 NHWC in and out."""
+    """Xu et al.'s squeezing as Appendix C sets it up: ``levels`` colour levels, then a 2x2
+    median filter with reflective padding. uint8 NHWC in and out.
+
+    Both steps are their published code's (EvadeML-Zoo, utils/squeeze.py):
+    ``reduce_precision_py`` rounds x in [0, 1] to rint(x (levels - 1)) / (levels - 1), and
+    ``median_filter_py`` is ``scipy.ndimage.median_filter(x, size=(1, 2, 2, 1),
+    mode="reflect")``. For a 2x2 window scipy takes the upper of the two middle values (not
+    their mean), so the output stays on the reduced grid; the window is the pixel and its
+    neighbours above and to the left, mirrored at the border."""
     x = images.astype(np.float64) / 255.0
     x = np.rint(x * (levels - 1)) / (levels - 1)
-    # A 2x2 window has an even count; its median is the mean of the middle two values.
-    padded = np.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)), mode="reflect")
-    windows = np.stack([padded[:, :-1, :-1], padded[:, :-1, 1:],
-                        padded[:, 1:, :-1], padded[:, 1:, 1:]], axis=0)
-    return np.rint(np.median(windows, axis=0) * 255.0).astype(np.uint8)
+    x = ndimage.median_filter(x, size=(1, 2, 2, 1), mode="reflect")
+    return np.rint(x * 255.0).astype(np.uint8)
 
 
 def _bounds(x: torch.Tensor, eps: torch.Tensor):

@@ -61,8 +61,59 @@ def test_feature_squeeze_levels_and_median():
     flat = np.full((1, 4, 4, 1), 100, dtype=np.uint8)
     out = purify.feature_squeeze(flat)
     assert np.all(out == out[0, 0, 0, 0]) and abs(int(out[0, 0, 0, 0]) - 100) <= 4
-    levels = np.unique(purify.feature_squeeze(np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1)))
-    assert len(levels) <= 63  # 32 levels, plus midpoints of the 2x2 median
+    grid = np.rint(np.arange(32) * 255 / 31).astype(np.uint8)  # the 32 levels in 0..255
+    every_value = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1)
+    assert set(np.unique(purify.feature_squeeze(every_value))) <= set(grid)
+    rng = np.random.default_rng(0)
+    noisy = rng.integers(0, 256, (3, 9, 7, 3), dtype=np.uint8)
+    assert set(np.unique(purify.feature_squeeze(noisy))) <= set(grid)
     spike = np.zeros((1, 4, 4, 1), dtype=np.uint8)
     spike[0, 1, 1] = 255
     assert purify.feature_squeeze(spike).max() == 0  # a lone outlier is filtered out
+
+
+def test_feature_squeeze_is_xu_et_al_s_median():
+    """Levels already on the grid (0, 8, 16, 25 are levels 0..3 of 32): each output is the
+    upper middle value of the pixel and its neighbours above and to the left, mirrored at
+    the border (EvadeML-Zoo's scipy median_filter, size 2, mode "reflect"). The mean of the
+    middle two, 12 at the bottom right, is not a level."""
+    x = np.array([[0, 8], [16, 25]], dtype=np.uint8).reshape(1, 2, 2, 1)
+    assert purify.feature_squeeze(x)[0, ..., 0].tolist() == [[0, 8], [16, 16]]
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (2, 5, 6, 3), dtype=np.uint8)
+    q = np.rint(images / 255.0 * 31) * 255 / 31  # the 32-level image, in 0..255
+    expected = np.empty_like(q)
+    for i in range(5):
+        for j in range(6):
+            rows, cols = [max(i - 1, 0), i], [max(j - 1, 0), j]
+            window = q[:, rows][:, :, cols].reshape(2, 4, 3)
+            expected[:, i, j] = np.sort(window, axis=1)[:, 2]
+    assert np.array_equal(purify.feature_squeeze(images), np.rint(expected).astype(np.uint8))
+
+
+def _monotone_pixelcnn(channels: int, towards: int):
+    """A PixelCNN whose every conditional is known: the head's weights are zero and its
+    bias rises (towards 255) or falls (towards 0) by one per value, so the most likely
+    feasible value is an end of the feasible range, whatever the context."""
+    model = tiny_pixelcnn(channels, logistic=False)
+    with torch.no_grad():
+        for out in model.head.out:
+            out.weight.zero_()
+            out.bias.copy_(torch.arange(256.0) * (1.0 if towards == 255 else -1.0))
+    return model
+
+
+@pytest.mark.parametrize("method", ["fast", "reference"])
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("towards", [0, 255])
+def test_purifier_reaches_exactly_the_ends_of_the_feasible_range(method, channels, towards):
+    """The feasible range is [max(x - eps, 0), min(x + eps, 255)]: both ends are reachable
+    and nothing beyond them, at the pixel values 0 and 255 and next to them."""
+    values = np.array([0, 1, 7, 8, 9, 100, 246, 247, 248, 254, 255, 128])
+    images = np.stack([np.roll(values, k) for k in range(4 * channels)]).reshape(4, 3, 4, channels)
+    images = images.astype(np.uint8)
+    eps = np.array([8, 1, 255, 0])
+    out = purify.pixeldefend(_monotone_pixelcnn(channels, towards), images, eps, method=method)
+    x, e = images.astype(int), eps[:, None, None, None]
+    expected = np.maximum(x - e, 0) if towards == 0 else np.minimum(x + e, 255)
+    assert np.array_equal(out, expected.astype(np.uint8))
