@@ -49,9 +49,13 @@ def test_shards_are_deterministic_and_cover_the_images():
 def test_missing_data_names_where_it_looked(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setitem(data.DEBIAN_DIR, data.Dataset.FMNIST, tmp_path / "nowhere")
-    with pytest.raises(PdrayError) as e:
+    with pytest.raises(PdrayError) as e:  # a named folder is the only place looked at
         data.load("fmnist", tmp_path / "empty")
-    assert "empty" in str(e.value) and "PDRAY_OFFLINE" in str(e.value)
+    assert "empty" in str(e.value) and "data folder" in str(e.value)
+    monkeypatch.setenv("PDRAY_DATA_DIR", str(tmp_path / "empty"))
+    with pytest.raises(PdrayError) as e:  # else the search, which names every place
+        data.load("fmnist")
+    assert "empty" in str(e.value) and "nowhere" in str(e.value) and "PDRAY_OFFLINE" in str(e.value)
 
 
 def test_corrupt_data_is_a_clear_error(tmp_path):
