@@ -78,6 +78,7 @@ def run(dataset: str, pixelcnn: str, classifier: str | None = None, *, n_images:
         data_dir=None) -> list[dict]:
     """``probe`` on the first ``n_images`` validation images (the held-out tail of the
     training split: never tune on the test set), optionally JPEG-compressed first."""
+    attacks.check_eps(eps_attack), attacks.check_eps(eps_defend, "eps_defend")  # before any work
     d = data.load(dataset, data_dir)
     split = d.validation
     if not 1 <= n_images <= len(split.labels):
@@ -91,7 +92,6 @@ def run(dataset: str, pixelcnn: str, classifier: str | None = None, *, n_images:
         raise PdrayError(f"{pixelcnn} models {density.config.channels}-channel images; "
                          f"{d.dataset.value} has {images.shape[-1]}.")
     model, _ = zoo.load(classifier or f"{d.dataset.value}-resnet-normal", device)
-    attacks.check_eps(eps_attack), attacks.check_eps(eps_defend, "eps_defend")
     rows = probe(density, model, images, labels, eps_attack=eps_attack, eps_defend=eps_defend)
     for row in rows:
         row.update(dataset=d.dataset.value, pixelcnn=str(pixelcnn), last_weights=last_weights,
