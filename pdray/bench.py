@@ -144,6 +144,7 @@ def bench_pipeline(dataset: str = "fmnist", n_images: int = 512, shards: int = 1
     cfg = pipeline.resolve(pipeline.EvalConfig(
         dataset=dataset, n_images=n_images, shards=shards, attacks=list(attack_names),
         eps_attack=list(eps_attack), defenses=list(defenses), save_images=0))
+    data.locate(cfg.dataset, data_dir)  # a missing dataset fails before Ray starts
     init_ray()
     with tempfile.TemporaryDirectory() as tmp, PeakMemory() as mem:
         _, pipeline_s = _timed(lambda: pipeline.run(

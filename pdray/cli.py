@@ -24,7 +24,7 @@ bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (ratios in one ru
 app.add_typer(train_app, name="train")
 app.add_typer(bench_app, name="bench")
 
-DataDir = typer.Option(None, "--data-dir", help="Folder holding the dataset (else PDRAY_DATA_DIR, the cache, Debian's copy, a download).")
+DataDir = typer.Option(None, "--data-dir", help="Folder holding the dataset, the only place looked at when given (else: PDRAY_DATA_DIR, the cache, Debian's copy, a download).")
 
 
 def emit(obj, as_json: bool) -> None:

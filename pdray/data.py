@@ -1,8 +1,14 @@
 """Datasets as uint8 NHWC arrays in the official order, and deterministic test-set shards.
 
-A dataset is looked up in this order: an explicit ``data_dir`` (or ``PDRAY_DATA_DIR``),
-the user cache, Debian's ``dataset-fashion-mnist`` install, then a download from the
-official source into the cache, verified by checksum before it is used.
+A ``data_dir`` the caller names is the only place looked at: a folder the user points at
+must hold the dataset. Without one, a dataset is looked up in ``PDRAY_DATA_DIR``, the user
+cache, Debian's ``dataset-fashion-mnist`` install, then downloaded from the official source
+into the cache, verified by checksum before it is used.
+
+A folder in the official format that also holds ``custom-dataset.txt`` (a line saying what
+the data is) is a custom dataset: a subset or synthetic images, any number of them, read
+without the official checksums and counts and reported as not official. The tests use
+such folders; everything else must be the official data.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ SHAPE = {Dataset.FMNIST: (28, 28, 1), Dataset.CIFAR10: (32, 32, 3)}
 # Folder names as the official archives unpack them.
 FOLDER = {Dataset.FMNIST: "fashion-mnist", Dataset.CIFAR10: "cifar-10-batches-py"}
 DEBIAN_DIR = {Dataset.FMNIST: Path("/usr/share/datasets/fashion-mnist")}
+CUSTOM_MARKER = "custom-dataset.txt"
 
 FMNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 # sha256 of the decompressed idx files, so the Debian copy and a download check alike.
@@ -55,6 +62,11 @@ CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"  # of the official tarball
 CIFAR10_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
 
 
+class DatasetNotFound(PdrayError):
+    """No folder holds the dataset and it could not be downloaded (callers that can do
+    without it, such as the real-data tests, tell this apart from corrupt data)."""
+
+
 @dataclass(frozen=True)
 class Split:
     images: np.ndarray  # (N, H, W, C) uint8
@@ -63,34 +75,47 @@ class Split:
 
 # The last images of the official training split are held out of every shipped model's
 # training: validation data for choices such as the adaptive threshold (Appendix C).
+# A custom dataset holds out its last tenth.
 VALIDATION_IMAGES = 5000
 
 
 @dataclass(frozen=True)
 class Data:
     dataset: Dataset
-    train: Split  # the whole official training split
+    train: Split  # the whole training split
     test: Split
     source: str  # the folder the arrays were read from
+    custom: str | None = None  # a custom dataset's description; None for the official data
+
+    @property
+    def official(self) -> bool:
+        return self.custom is None
 
     @property
     def classes(self) -> tuple[str, ...]:
         return CLASSES[self.dataset]
 
     @property
+    def validation_images(self) -> int:
+        return VALIDATION_IMAGES if self.official else len(self.train.labels) // 10
+
+    @property
     def fit(self) -> Split:
         """The training images models learn from: all but the held-out validation tail."""
-        return Split(self.train.images[:-VALIDATION_IMAGES], self.train.labels[:-VALIDATION_IMAGES])
+        n = len(self.train.labels) - self.validation_images
+        return Split(self.train.images[:n], self.train.labels[:n])
 
     @property
     def validation(self) -> Split:
-        return Split(self.train.images[-VALIDATION_IMAGES:], self.train.labels[-VALIDATION_IMAGES:])
+        n = len(self.train.labels) - self.validation_images
+        return Split(self.train.images[n:], self.train.labels[n:])
 
     def info(self) -> dict:
         return {"dataset": self.dataset.value, "train": len(self.train.labels),
-                "test": len(self.test.labels), "validation": VALIDATION_IMAGES,
+                "test": len(self.test.labels), "validation": self.validation_images,
                 "shape": list(SHAPE[self.dataset]), "classes": list(self.classes),
-                "source": self.source}
+                "source": self.source, "official": self.official,
+                **({"custom": self.custom} if self.custom is not None else {})}
 
 
 def cache_dir() -> Path:
@@ -103,24 +128,49 @@ def parse_dataset(name: str | Dataset) -> Dataset:
 
 
 def load(dataset: str | Dataset, data_dir: str | Path | None = None) -> Data:
-    """Load both splits of ``dataset``, searching the locations in the module docstring."""
+    """Load both splits of ``dataset`` from the folder ``locate`` finds."""
     dataset = parse_dataset(dataset)
-    data_dir = data_dir or os.environ.get("PDRAY_DATA_DIR")
-    candidates = [Path(data_dir)] if data_dir else []
-    candidates += [cache_dir()] + ([DEBIAN_DIR[dataset]] if dataset in DEBIAN_DIR else [])
-    looked = []
-    for root in candidates:
-        for folder in (root, root / FOLDER[dataset]):
-            looked.append(str(folder))
-            if _has_files(dataset, folder):
-                return _read(dataset, folder.resolve())
+    return _read(dataset, locate(dataset, data_dir).resolve())
+
+
+def locate(dataset: str | Dataset, data_dir: str | Path | None = None) -> Path:
+    """The folder holding ``dataset``, without reading it: only ``data_dir`` when it is
+    given, else the search of the module docstring (which may download). Drivers call it
+    before they start workers, so a missing dataset is one error, not one per worker."""
+    dataset = parse_dataset(dataset)
+    if data_dir:
+        folder, looked = _find(dataset, [Path(data_dir)])
+        if folder is None:
+            raise DatasetNotFound(
+                f"{dataset.value} was not found in the data folder {data_dir} (looked in "
+                f"{', '.join(looked)}). Point --data-dir at a folder that holds "
+                f"{_expected(dataset)}, or leave it out to let pdray search PDRAY_DATA_DIR, "
+                f"its cache and the official download.")
+        return folder
+    env = os.environ.get("PDRAY_DATA_DIR")
+    roots = ([Path(env)] if env else []) + [cache_dir()] + (
+        [DEBIAN_DIR[dataset]] if dataset in DEBIAN_DIR else [])
+    folder, looked = _find(dataset, roots)
+    if folder is not None:
+        return folder
     if os.environ.get("PDRAY_OFFLINE"):
-        raise PdrayError(
+        raise DatasetNotFound(
             f"{dataset.value} was not found (looked in {', '.join(looked)}) and downloads are "
             f"off (PDRAY_OFFLINE is set). Pass --data-dir pointing at a folder that holds "
             f"{_expected(dataset)}, or unset PDRAY_OFFLINE to download it into {cache_dir()}.")
-    folder = _download(dataset, looked)
-    return _read(dataset, folder.resolve())
+    return _download(dataset, looked)
+
+
+def _find(dataset: Dataset, roots: list[Path]) -> tuple[Path | None, list[str]]:
+    """The first of each root and its official subfolder that holds the dataset's files,
+    and every folder looked in."""
+    looked = []
+    for root in roots:
+        for folder in (root, root / FOLDER[dataset]):
+            looked.append(str(folder))
+            if _has_files(dataset, folder):
+                return folder, looked
+    return None, looked
 
 
 def shard_indices(n_images: int, shards: int, indices: np.ndarray | list[int] | None = None,
@@ -152,12 +202,14 @@ def _has_files(dataset: Dataset, folder: Path) -> bool:
 
 @functools.lru_cache(maxsize=4)
 def _read(dataset: Dataset, folder: Path) -> Data:
+    custom = _custom_description(folder)
     try:
         if dataset is Dataset.FMNIST:
-            train = Split(_idx(folder / "train-images-idx3-ubyte.gz")[..., None],
-                          _idx(folder / "train-labels-idx1-ubyte.gz").astype(np.int64))
-            test = Split(_idx(folder / "t10k-images-idx3-ubyte.gz")[..., None],
-                         _idx(folder / "t10k-labels-idx1-ubyte.gz").astype(np.int64))
+            check = custom is None
+            train = Split(_idx(folder / "train-images-idx3-ubyte.gz", check)[..., None],
+                          _idx(folder / "train-labels-idx1-ubyte.gz", check).astype(np.int64))
+            test = Split(_idx(folder / "t10k-images-idx3-ubyte.gz", check)[..., None],
+                         _idx(folder / "t10k-labels-idx1-ubyte.gz", check).astype(np.int64))
         else:
             parts = [_cifar_batch(folder / n) for n in CIFAR10_FILES]
             train = Split(np.concatenate([p.images for p in parts[:5]]),
@@ -167,20 +219,37 @@ def _read(dataset: Dataset, folder: Path) -> Data:
         raise PdrayError(f"{dataset.value} data in {folder} is unreadable or corrupt ({e}). "
                          f"Replace it with {_expected(dataset)}, or remove it so pdray can "
                          f"look elsewhere.") from None
-    want = {Dataset.FMNIST: (60000, 10000), Dataset.CIFAR10: (50000, 10000)}[dataset]
-    for split, n in zip((train, test), want):
+    official = {Dataset.FMNIST: (60000, 10000), Dataset.CIFAR10: (50000, 10000)}[dataset]
+    for split, n in zip((train, test), official):
+        if custom is not None:
+            n = max(len(split.labels), 1)  # any number of images, but not none
         if split.images.shape != (n, *SHAPE[dataset]) or split.labels.shape != (n,):
-            raise PdrayError(f"{dataset.value} data in {folder} has shape "
-                             f"{split.images.shape}, expected {(n, *SHAPE[dataset])}; it is "
-                             f"not the official dataset.")
+            raise PdrayError(
+                f"{dataset.value} data in {folder} has images of shape {split.images.shape} "
+                f"and labels of shape {split.labels.shape}, expected {(n, *SHAPE[dataset])} and "
+                f"{(n,)}; " + ("it is not the official dataset." if custom is None else
+                               f"it is a custom dataset ({CUSTOM_MARKER}) in the wrong format."))
+        if split.labels.min() < 0 or split.labels.max() >= len(CLASSES[dataset]):
+            raise PdrayError(f"{dataset.value} data in {folder} has labels outside "
+                             f"0..{len(CLASSES[dataset]) - 1}.")
     for a in (train.images, train.labels, test.images, test.labels):
         a.setflags(write=False)
-    return Data(dataset, train, test, str(folder))
+    return Data(dataset, train, test, str(folder), custom)
 
 
-def _idx(path: Path) -> np.ndarray:
+def _custom_description(folder: Path) -> str | None:
+    """The first line of the folder's custom-dataset marker, or None for official data."""
+    marker = folder / CUSTOM_MARKER
+    if not marker.is_file():
+        return None
+    lines = marker.read_text(errors="replace").strip().splitlines()
+    return lines[0] if lines else "a custom dataset"
+
+
+def _idx(path: Path, check: bool = True) -> np.ndarray:
+    """An idx-ubyte.gz array; ``check`` compares it with the official file's sha256."""
     raw = gzip.open(path).read()
-    if hashlib.sha256(raw).hexdigest() != FMNIST_FILES[path.name]:
+    if check and hashlib.sha256(raw).hexdigest() != FMNIST_FILES[path.name]:
         raise ValueError(f"checksum mismatch in {path.name}")
     ndim = raw[3]
     dims = np.frombuffer(raw, ">u4", count=ndim, offset=4)
@@ -234,7 +303,7 @@ def _download(dataset: Dataset, looked: list[str]) -> Path:
                     t.extractall(tmp, filter="data")
                 folder = tmp / FOLDER[dataset]
         except (OSError, ValueError, tarfile.TarError) as e:
-            raise PdrayError(
+            raise DatasetNotFound(
                 f"{dataset.value} was not found (looked in {', '.join(looked)}) and the "
                 f"download failed ({e}). Pass --data-dir pointing at a folder that holds "
                 f"{_expected(dataset)}"

@@ -261,6 +261,7 @@ def classifier_loop(config: dict) -> None:
 
 def train_classifier(cfg: ClassifierConfig, scaling: Scaling, ship: bool = False) -> dict:
     cfg.validate()
+    data.locate(cfg.dataset, cfg.data_dir)  # here, not as a traceback from every worker
     result = fit(classifier_loop, asdict(cfg), cfg.name, scaling)
     return finish(result, cfg.name, ship)
 
@@ -423,9 +424,9 @@ def check_resumable(cfg: PixelCNNConfig, scaling: Scaling) -> None:
 
 
 def train_pixelcnn(cfg: PixelCNNConfig, scaling: Scaling, ship: bool = False) -> dict:
-    data.parse_dataset(cfg.dataset)
     if cfg.head not in pixelcnn.HEADS:
         raise PdrayError(f"Unknown PixelCNN head {cfg.head!r}: choose one of {', '.join(pixelcnn.HEADS)}.")
+    data.locate(cfg.dataset, cfg.data_dir)  # here, not as a traceback from every worker
     check_resumable(cfg, scaling)
     result = fit(pixelcnn_loop, asdict(cfg), cfg.name, scaling)
     out = finish(result, cfg.name, ship)
