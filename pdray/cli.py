@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import textwrap
 from pathlib import Path
@@ -105,10 +104,9 @@ def purify_cmd(input: Path = typer.Option(..., "--input", help="uint8 NHWC .npy 
     from pdray import purify, zoo
     from pdray.cluster import torch_device
     from pdray.evaluate import bits_per_dim
-    from pdray.files import save_npy
+    from pdray.files import check_writable, save_npy
 
-    if not output.parent.is_dir() or not os.access(output.parent, os.W_OK):
-        raise PdrayError(f"Cannot write {output}: {output.parent} is not a writable folder.")
+    check_writable(output)  # before the purification, which may take hours
     try:
         images = np.load(input, allow_pickle=False)
     except (OSError, ValueError) as e:
@@ -128,7 +126,11 @@ def purify_cmd(input: Path = typer.Option(..., "--input", help="uint8 NHWC .npy 
         task = bar.add_task("purifying", total=len(images))
         out = purify.pixeldefend(pixelcnn, images, eps, method=method, batch_size=batch_size,
                                  on_batch=lambda n: bar.advance(task, n))
-    save_npy(output, out)
+    try:
+        save_npy(output, out)  # atomic: an earlier result stays whole if this fails
+    except OSError as e:
+        raise PdrayError(f"Cannot write {output} ({e}); any earlier file there is "
+                         f"unchanged.") from None
     print(f"purified {len(images)} images with {name} (eps_defend {eps_defend}"
           f"{', adaptive' if adaptive else ''}) -> {output}", file=sys.stderr)
 

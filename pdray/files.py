@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pdray.errors import PdrayError
+
 
 def sha256(path: Path) -> str:
     h = hashlib.sha256()
@@ -31,6 +33,21 @@ def atomic_write(path: Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def check_writable(path: Path) -> None:
+    """A PdrayError now, before any work, if ``atomic_write`` could not write ``path``:
+    it is a folder, or no temporary file can be made beside it."""
+    path = Path(path)
+    if path.is_dir():
+        raise PdrayError(f"Cannot write {path}: it is a folder. Name a file inside it.")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise PdrayError(f"Cannot write {path}: {path.parent} is not a writable folder "
+                         f"({e.strerror}).") from None
 
 
 def save_npy(path: Path, array: np.ndarray) -> None:
