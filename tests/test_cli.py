@@ -8,6 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import typer
+
+from conftest import USER_DATA_DIR
+from pdray.cli import app
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,12 +33,21 @@ def assert_clean_error(r, *words):
         assert w in text, r.stderr
 
 
-@pytest.mark.parametrize("dataset,train,shape", [("fmnist", 60000, [28, 28, 1]),
-                                                 ("cifar10", 50000, [32, 32, 3])])
-def test_data_info(dataset, train, shape):
+@pytest.mark.parametrize("dataset,shape", [("fmnist", [28, 28, 1]), ("cifar10", [32, 32, 3])])
+def test_data_info(dataset, shape, small_data):
     info = json.loads(pdray("data", "info", "--dataset", dataset, "--json").stdout)
-    assert info["dataset"] == dataset and info["train"] == train and info["test"] == 10000
-    assert info["shape"] == shape and len(info["classes"]) == 10 and info["source"]
+    assert info["dataset"] == dataset and info["train"] == 100 and info["test"] == 20
+    assert info["shape"] == shape and len(info["classes"]) == 10
+    assert info["source"].startswith(str(small_data)) and info["official"] is False
+
+
+@pytest.mark.parametrize("dataset,train", [("fmnist", 60000), ("cifar10", 50000)])
+def test_data_info_on_the_real_data(dataset, train, request):
+    real = request.getfixturevalue(f"real_{dataset}")
+    info = json.loads(pdray("data", "info", "--dataset", dataset, "--json",
+                            env={"PDRAY_DATA_DIR": USER_DATA_DIR}).stdout)
+    assert (info["train"], info["test"], info["validation"]) == (train, 10000, 5000)
+    assert info["source"] == real.source and info["official"] is True
 
 
 def test_models_list_is_json():
