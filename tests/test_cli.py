@@ -8,6 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import typer
+
+from conftest import USER_DATA_DIR
+from pdray.cli import app
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,12 +33,21 @@ def assert_clean_error(r, *words):
         assert w in text, r.stderr
 
 
-@pytest.mark.parametrize("dataset,train,shape", [("fmnist", 60000, [28, 28, 1]),
-                                                 ("cifar10", 50000, [32, 32, 3])])
-def test_data_info(dataset, train, shape):
+@pytest.mark.parametrize("dataset,shape", [("fmnist", [28, 28, 1]), ("cifar10", [32, 32, 3])])
+def test_data_info(dataset, shape, small_data):
     info = json.loads(pdray("data", "info", "--dataset", dataset, "--json").stdout)
-    assert info["dataset"] == dataset and info["train"] == train and info["test"] == 10000
-    assert info["shape"] == shape and len(info["classes"]) == 10 and info["source"]
+    assert info["dataset"] == dataset and info["train"] == 100 and info["test"] == 20
+    assert info["shape"] == shape and len(info["classes"]) == 10
+    assert info["source"].startswith(str(small_data)) and info["official"] is False
+
+
+@pytest.mark.parametrize("dataset,train", [("fmnist", 60000), ("cifar10", 50000)])
+def test_data_info_on_the_real_data(dataset, train, request):
+    real = request.getfixturevalue(f"real_{dataset}")
+    info = json.loads(pdray("data", "info", "--dataset", dataset, "--json",
+                            env={"PDRAY_DATA_DIR": USER_DATA_DIR}).stdout)
+    assert (info["train"], info["test"], info["validation"]) == (train, 10000, 5000)
+    assert info["source"] == real.source and info["official"] is True
 
 
 def test_models_list_is_json():
@@ -45,10 +58,40 @@ def test_models_list_is_json():
                 "sha256", "file"} <= set(m)
 
 
-def test_missing_data_is_a_clear_error(tmp_path):
-    r = pdray("data", "info", "--dataset", "cifar10", "--data-dir", str(tmp_path), check=False,
-              env={"PDRAY_DATA_DIR": "", "XDG_CACHE_HOME": str(tmp_path / "cache")})
-    assert_clean_error(r, "cifar10 was not found", str(tmp_path))
+DATA_DIR_COMMANDS = {  # every command that takes --data-dir, with its other options
+    "data info": ["--dataset", "cifar10"],
+    "models evaluate": ["fmnist-resnet-normal"],
+    "models likelihoods": ["fmnist-pixelcnn"],
+    "detect": ["--dataset", "fmnist", "--attack", "fgsm"],
+    "adaptive-threshold": ["--dataset", "fmnist"],
+    "ablate": ["--dataset", "fmnist", "--pixelcnn", "fmnist-pixelcnn", "--eps-defend", "32"],
+    "eval": ["--out", "{tmp}/out"],
+    "bench purify": ["--dataset", "fmnist"],
+    "bench pipeline": [],
+    "train classifier": ["--runs-dir", "{tmp}/runs"],
+    "train pixelcnn": ["--runs-dir", "{tmp}/runs"],
+}
+
+
+def test_every_data_dir_command_is_checked():
+    def commands(group, prefix=()):
+        for name, cmd in group.commands.items():
+            if hasattr(cmd, "commands"):  # a group (typer vendors its own click)
+                yield from commands(cmd, (*prefix, name))
+            elif any("--data-dir" in p.opts for p in cmd.params):
+                yield " ".join((*prefix, name))
+
+    assert sorted(commands(typer.main.get_command(app))) == sorted(DATA_DIR_COMMANDS)
+
+
+@pytest.mark.parametrize("command", DATA_DIR_COMMANDS)
+def test_a_data_dir_without_the_data_is_a_clear_error(command, tmp_path, small_data):
+    """PDRAY_DATA_DIR holds the data, but a folder the user names is the only place
+    looked at: no silent fallback, and nothing written."""
+    options = [o.format(tmp=tmp_path) for o in DATA_DIR_COMMANDS[command]]
+    r = pdray(*command.split(), *options, "--data-dir", str(tmp_path), check=False)
+    assert_clean_error(r, "was not found in the data folder", str(tmp_path))
+    assert sorted(tmp_path.iterdir()) == []
 
 
 def test_unknown_model_is_a_clear_error():
@@ -112,6 +155,24 @@ def test_purify_command(tmp_path, fmnist_samples):
     assert y.dtype == np.uint8 and y.shape == (3, 28, 28, 1) and d.max() <= 16 and d.max() > 0
     pdray("purify", "--input", str(tmp_path / "x.npy"), "--output", str(tmp_path / "z.npy"),
           "--adaptive")
+
+
+@pytest.mark.parametrize("where", ["a folder", "an unwritable folder"])
+def test_purify_to_an_unwritable_output_is_a_clear_error(where, tmp_path, fmnist_samples):
+    """Refused before purifying, and an earlier result inside the named folder stays."""
+    import numpy as np
+
+    np.save(tmp_path / "x.npy", fmnist_samples[0][:1])
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "y.npy").write_bytes(b"old result")
+    # /proc takes no new files, even from root (for whom file modes are no obstacle).
+    output, words = {"a folder": (folder, ["it is a folder"]),
+                     "an unwritable folder": (Path("/proc/y.npy"), ["/proc is not a writable folder"])}[where]
+    r = pdray("purify", "--input", str(tmp_path / "x.npy"), "--output", str(output), check=False)
+    assert_clean_error(r, f"Cannot write {output}", *words)
+    assert [p.name for p in folder.iterdir()] == ["y.npy"]
+    assert (folder / "y.npy").read_bytes() == b"old result"
 
 
 @pytest.mark.parametrize("array,words", [

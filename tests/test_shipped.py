@@ -1,0 +1,22 @@
+"""The shipped weights score on the real data as their manifest says (on a sample of the
+test images: sampling noise is the tolerance). Skipped without the real data."""
+
+import pytest
+
+from pdray import evaluate, zoo
+
+
+@pytest.mark.parametrize("name,n_images,tolerance", [
+    ("fmnist-resnet-normal", 100, 0.05), ("cifar10-resnet-normal", 100, 0.05),
+    ("fmnist-pixelcnn", 20, 0.25), ("cifar10-pixelcnn", 20, 0.25),
+])
+def test_shipped_model_scores_as_its_manifest_says(name, n_images, tolerance, request,
+                                                   monkeypatch):
+    real = request.getfixturevalue(f"real_{name.split('-')[0]}")
+    monkeypatch.delenv("PDRAY_WEIGHTS_DIR")  # the package's weights, not the tiny test zoo
+    shipped = zoo.entry(name)["metrics"]
+    r = evaluate.model_metric(name, n_images, real.source)
+    if r["metric"] == "accuracy":
+        assert r["value"] >= shipped["test_accuracy"] - tolerance
+    else:
+        assert r["value"] <= shipped["test_bpd"] + tolerance
