@@ -58,6 +58,35 @@ def test_attacks_lower_accuracy_of_a_trained_model(name, fitted, fmnist_samples)
     assert (predict(fitted, adv) == labels).mean() < 0.5
 
 
+class ConstantLogits(torch.nn.Module):
+    """A classifier no attack can fool: class 3 for every image, whatever its pixels, except
+    an all-black one, which it calls class 5. So foolbox's success flag is True for CW's
+    black starting point although CW finds nothing."""
+
+    def __init__(self):
+        super().__init__()
+        self.logits = torch.nn.Parameter(-(torch.arange(10.0) - 3).abs())
+
+    def forward(self, x):  # (B, C, H, W) in 0..255 -> (B, 10); zero gradient everywhere
+        black = (x.flatten(1).amax(1) < 1).float()[:, None]
+        shift = torch.zeros(10)
+        shift[5] = 10.0
+        return self.logits + black * shift + 0.0 * x.flatten(1).sum(1, keepdim=True)
+
+
+@pytest.mark.parametrize("name", ["deepfool", "cw"])
+def test_a_failed_minimisation_attack_returns_the_original(name, fmnist_samples):
+    """Images 0..2 are classified correctly (label 3) and cannot be fooled; images 3..5 are
+    already wrong. Either way the attack's output is exactly the input, not foolbox's
+    starting point (a black image for CW) clipped into the eps ball."""
+    images = fmnist_samples[0][:6]
+    labels = np.array([3, 3, 3, 0, 1, 2])
+    model = ConstantLogits()
+    for eps, adv in zip((8, 25), attacks.attack_many(name, model, images, labels, [8, 25],
+                                                     cw_steps=20, deepfool_steps=10)):
+        assert np.array_equal(adv, images), (name, eps)
+
+
 @pytest.mark.parametrize("name", ["deepfool", "cw"])
 def test_an_image_already_misclassified_is_left_unchanged(name, fitted, fmnist_samples):
     """With labels the trained model gets wrong, CW's first iterate (the image after its
