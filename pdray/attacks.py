@@ -5,8 +5,9 @@ eps_attack ball (eps_attack in 0..255 units). FGSM, BIM, DeepFool and CW run thr
 foolbox on a [0, 1] view of the classifier, so foolbox's default step sizes and CW
 constants keep their meaning; DeepFool and CW are minimal-perturbation attacks, so
 their result is clipped to the eps ball as the paper does, and rounded away from the
-original pixel so that sub-level changes survive the move to integer pixels. RAND is the integer uniform
-noise of Appendix A.
+original pixel so that sub-level changes survive the move to integer pixels. Where they find
+no adversarial example, the result is the original image. RAND is the integer uniform noise
+of Appendix A.
 
 BPDA (Athalye et al. 2018) goes beyond the paper: BIM against the classifier *behind* a
 defense, with the defense's backward pass approximated by the identity.
@@ -58,20 +59,30 @@ def bim_steps(eps_attack: int) -> int:
     return int(math.floor(min(eps_attack + 4, 1.25 * eps_attack)))
 
 
+# Changes up to this many levels are float noise, not perturbations, when rounding outward.
+# Measured: foolbox's CW maps images through tanh space (x -> arctanh(0.999999 (2x - 1)) and
+# back, in float32), which moves an unchanged pixel by up to 1.37e-4 of a level (at value
+# 254; 6.4e-5 on average over 0..255); the float32 [0, 1] view alone moves it by up to 7.6e-6.
+# 1e-3 is seven times the largest of these, and a thousandth of a level.
+ROUNDING_TOLERANCE = 1e-3
+
+
 def project(images: np.ndarray, adversarial: np.ndarray, eps_attack: int,
             outward: bool = False) -> np.ndarray:
     """Round float pixels to integers inside the eps ball around ``images`` and in 0..255.
 
     ``outward`` rounds each change away from the original pixel instead of to the nearest
     integer: minimal-perturbation attacks (DeepFool, CW) change many sub-pixels by less
-    than half a level, which nearest rounding would undo. Arithmetic is in int64 so
-    ``x - eps`` never wraps around as it does in uint8.
+    than half a level, which nearest rounding would undo. A change within
+    ``ROUNDING_TOLERANCE`` of a whole number of levels counts as that number, so float
+    noise on an unchanged pixel stays no change. Arithmetic is in int64 so ``x - eps``
+    never wraps around as it does in uint8.
     """
     x = images.astype(np.int64)
     adv = np.asarray(adversarial, dtype=np.float64)
     if outward:
         delta = adv - x
-        adv = x + np.sign(delta) * np.ceil(np.abs(delta) - 1e-6)
+        adv = x + np.sign(delta) * np.ceil(np.abs(delta) - ROUNDING_TOLERANCE)
     adv = np.rint(adv).astype(np.int64)
     lo, hi = np.maximum(x - eps_attack, 0), np.minimum(x + eps_attack, 255)
     return np.clip(adv, lo, hi).astype(np.uint8)
@@ -98,13 +109,21 @@ def _to_unit(model: nn.Module, images: np.ndarray, labels: np.ndarray):
 
 
 def _foolbox(attack: fb.Attack, model: nn.Module, images: np.ndarray, labels: np.ndarray,
-             eps: float | None) -> np.ndarray:
-    """Float 0..255 NHWC adversarial images; eps None runs a minimisation attack unbounded."""
+             eps: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """Float 0..255 NHWC adversarial images and foolbox's success flag per image (is the
+    returned image misclassified); eps None runs a minimisation attack unbounded."""
     model.eval()
     fmodel = fb.PyTorchModel(_UnitScale(model).eval(), bounds=(0, 1), device=_device(model))
     x, y = _to_unit(model, images, labels)
-    raw, _, _ = attack(fmodel, x, y, epsilons=None if eps is None else eps / 255.0)
-    return raw.detach().cpu().numpy().transpose(0, 2, 3, 1) * 255.0
+    raw, _, success = attack(fmodel, x, y, epsilons=None if eps is None else eps / 255.0)
+    return (raw.detach().cpu().numpy().transpose(0, 2, 3, 1) * 255.0,
+            success.detach().cpu().numpy().astype(bool))
+
+
+def _found_or_original(images: np.ndarray, raw: np.ndarray, found: np.ndarray) -> np.ndarray:
+    """A minimisation attack's result where it found an adversarial example, else the
+    original image: its output there is its starting point or a failed last iterate."""
+    return np.where(found[:, None, None, None], raw, images.astype(np.float64))
 
 
 def rand(model, images, labels, eps_list, *, seed=0, image_ids=None, **_) -> list[np.ndarray]:
@@ -124,19 +143,21 @@ def rand(model, images, labels, eps_list, *, seed=0, image_ids=None, **_) -> lis
 
 def fgsm(model, images, labels, eps_list, **_) -> list[np.ndarray]:
     attack = fb.attacks.LinfFastGradientAttack(random_start=False)
-    return [project(images, _foolbox(attack, model, images, labels, e), e) for e in eps_list]
+    return [project(images, _foolbox(attack, model, images, labels, e)[0], e) for e in eps_list]
 
 
 def bim(model, images, labels, eps_list, **_) -> list[np.ndarray]:
     return [project(images, _foolbox(fb.attacks.LinfBasicIterativeAttack(
         abs_stepsize=1 / 255.0, steps=bim_steps(e), random_start=False),
-        model, images, labels, e), e) for e in eps_list]
+        model, images, labels, e)[0], e) for e in eps_list]
 
 
 def deepfool(model, images, labels, eps_list, *, deepfool_steps=50, **_) -> list[np.ndarray]:
-    """L2 DeepFool (the original formulation), run once, then clipped to each L-inf ball."""
-    raw = _foolbox(fb.attacks.L2DeepFoolAttack(steps=deepfool_steps, candidates=10),
-                   model, images, labels, None)
+    """L2 DeepFool (the original formulation), run once, then clipped to each L-inf ball.
+    An image it does not fool within its steps stays as it is, not its last iterate."""
+    raw, found = _foolbox(fb.attacks.L2DeepFoolAttack(steps=deepfool_steps, candidates=10),
+                          model, images, labels, None)
+    raw = _found_or_original(images, raw, found)
     return [project(images, raw, e, outward=True) for e in eps_list]
 
 
@@ -144,11 +165,19 @@ def cw(model, images, labels, eps_list, *, cw_steps=50, cw_binary_search_steps=3
        **_) -> list[np.ndarray]:
     """L2 Carlini-Wagner, run once, then clipped to each L-inf ball. Far fewer steps than
     the CW paper's 10,000 x 9, with a larger step size and initial constant to make up:
-    the clip to a small eps ball makes long optimisation moot."""
+    the clip to a small eps ball makes long optimisation moot.
+
+    foolbox's CW starts its result as a black image and returns that where it finds no
+    adversarial example; its success flag then only says whether the black image is
+    misclassified. So a result that is still exactly black also counts as not found (a
+    found one would need every sub-pixel's tanh to saturate to -1 in float32), and the
+    image stays as it is instead of being darkened to max(x - eps, 0)."""
     attack = fb.attacks.L2CarliniWagnerAttack(
         binary_search_steps=cw_binary_search_steps, steps=cw_steps, stepsize=0.05,
         initial_const=1.0)
-    raw = _foolbox(attack, model, images, labels, None)
+    raw, success = _foolbox(attack, model, images, labels, None)
+    found = success & raw.reshape(len(raw), -1).any(axis=1)
+    raw = _found_or_original(images, raw, found)
     return [project(images, raw, e, outward=True) for e in eps_list]
 
 
