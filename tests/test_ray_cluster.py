@@ -19,7 +19,7 @@ from pdray import pipeline, report
 from conftest import REPO, local_ray
 from test_pipeline import CFG, results
 
-MANY_SHARDS = {**CFG, "n_images": 24, "shards": 12, "purify_batch": 10}  # a shard per batch
+MANY_SHARDS = {**CFG, "n_images": 20, "shards": 10, "purify_batch": 10}  # a shard per batch
 
 
 def expected_rows(cfg):
