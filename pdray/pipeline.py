@@ -336,8 +336,10 @@ def _versions() -> dict:
             "numpy": np.__version__, "pandas": pd.__version__}
 
 
-def prepare_out(cfg: EvalConfig, opts: RunOptions, shards: list[list[int]]) -> Path:
-    """Create OUT and its run.json, or check that an existing OUT is this configuration."""
+def prepare_out(cfg: EvalConfig, opts: RunOptions, shards: list[list[int]],
+                data_source: dict | None = None) -> Path:
+    """Create OUT and its run.json, or check that an existing OUT is this configuration
+    and, when both record it, the same data (``data.Data.provenance``)."""
     out = Path(opts.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -357,6 +359,7 @@ def prepare_out(cfg: EvalConfig, opts: RunOptions, shards: list[list[int]]) -> P
             old = None
         if not isinstance(old, dict) or not isinstance(old.get("config"), dict):
             raise PdrayError(f"{path} is unreadable; use a new --out folder.")
+        _check_same_data(out, old.get("data"), data_source)
         # A run.json from before an option existed matches if this run leaves it at its default.
         defaults = {f.name: f.default for f in fields(EvalConfig)}
         old["config"] = {**{k: v for k, v in run["config"].items() if v == defaults.get(k)},
@@ -367,10 +370,23 @@ def prepare_out(cfg: EvalConfig, opts: RunOptions, shards: list[list[int]]) -> P
     from pdray.detect import train_log_likelihoods
 
     run.update(versions=_versions(), train_logp_n=len(train_log_likelihoods(cfg.pixelcnn)),
-               command=_command())
+               command=_command(), **({"data": data_source} if data_source else {}))
     if not path.exists():
         atomic_write(path, lambda tmp: tmp.write_text(json.dumps(run, indent=2) + "\n"))
     return out
+
+
+def _check_same_data(out: Path, old: dict | None, new: dict | None) -> None:
+    """Resuming on other data would mix two datasets' rows in one table. The folder the
+    data is read from may change; its name and checksums may not. A run.json from before
+    runs recorded their data cannot be checked."""
+    if not old or not new or (old.get("name"), old.get("sha256")) == (new["name"], new["sha256"]):
+        return
+    raise PdrayError(f"{out} holds results computed on {old.get('name')} read from "
+                     f"{old.get('source')}, but this run reads {new['name']} from "
+                     f"{new['source']}, and the files' sha256 checksums differ (see run.json); "
+                     f"resuming would mix results from two datasets. Point --data-dir at the "
+                     f"data that run used, or use a new --out folder.")
 
 
 def _check_models(cfg: EvalConfig) -> None:
@@ -423,7 +439,7 @@ def run(cfg: EvalConfig, opts: RunOptions, log=_log) -> Path:
         raise PdrayError(f"--shard must be in 0..{len(shards) - 1} for {len(shards)} shards; "
                          f"got {opts.shard}.")
     _check_models(cfg)
-    out = prepare_out(cfg, opts, shards)
+    out = prepare_out(cfg, opts, shards, d.provenance())
     todo = [opts.shard] if opts.shard is not None else list(range(len(shards)))
     if opts.resume:
         todo = [k for k in todo if k not in completed_shards(out)]
