@@ -325,6 +325,9 @@ def write_shard(out: Path, k: int, rows: pd.DataFrame) -> None:
 
 
 def _versions() -> dict:
+    """Library versions and the driver's CPU: the same code on another CPU family runs other
+    float kernels, which changes CW's and DeepFool's images (see README, Reproducibility)."""
+    import eagerpy
     import foolbox
     import ray
     import torch
@@ -333,7 +336,19 @@ def _versions() -> dict:
 
     return {"python": platform.python_version(), "pdray": pdray.__version__,
             "torch": torch.__version__, "ray": ray.__version__, "foolbox": foolbox.__version__,
-            "numpy": np.__version__, "pandas": pd.__version__}
+            "eagerpy": eagerpy.__version__, "numpy": np.__version__, "pandas": pd.__version__,
+            "cpu": f"{_cpu_model()} ({platform.machine()}, torch kernels "
+                   f"{torch.backends.cpu.get_cpu_capability()})"}
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
 
 
 def prepare_out(cfg: EvalConfig, opts: RunOptions, shards: list[list[int]],
@@ -485,6 +500,10 @@ def _evaluate(cfg: EvalConfig, opts: RunOptions, shards: list[list[int]], todo: 
         require_gpus(num_purifiers)
     ctx = DataContext.get_current()
     ctx.wait_for_min_actors_s = 600  # a GPU the cluster never gets fails instead of hanging
+    # PixelDefend's float32 argmax can depend on which images share a purifier batch, and
+    # shards smaller than a batch share one in the order their attacks finish: keep shard
+    # order, so the same command always batches the same rows together.
+    ctx.execution_options.preserve_order = True
     per_image = rows_per_image(cfg)
     expected = {k: len(shards[k]) * per_image for k in todo}
     log(f"evaluating {sum(len(shards[k]) for k in todo)} images in {len(todo)} shard(s): "
