@@ -21,8 +21,9 @@ def test_attack_invariants(name, eps_attack, samples, request):
     assert adv.dtype == np.uint8 and adv.shape == images.shape
     delta = adv.astype(np.int16) - images.astype(np.int16)
     assert np.abs(delta).max() <= eps_attack  # inside the eps ball, integer pixels
-    # and it did something (BPDA leaves images the defended model already gets wrong alone)
-    assert np.abs(delta).max() > 0 or name == "bpda"
+    # and it did something; BPDA leaves images the defended model already gets wrong alone,
+    # and DeepFool and CW images they cannot fool (whether they hurt is tested below)
+    assert np.abs(delta).max() > 0 or name in ("bpda", "deepfool", "cw")
     if name in ("fgsm",):
         # FGSM moves every sub-pixel by exactly eps unless a bound clips it.
         clipped = (images.astype(int) + eps_attack > 255) | (images.astype(int) - eps_attack < 0)
