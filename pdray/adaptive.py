@@ -45,7 +45,8 @@ def choose_threshold(dataset: str, classifier: str | None = None, pixelcnn: str 
     attack_names = [attacks.parse_attack(a).value for a in
                     (attack_names or attacks.PAPER_ATTACKS)]
     eps_attack = [attacks.check_eps(e) for e in (eps_attack or DEFAULT_EPS_ATTACK[ds])]
-    val = data.load(ds, data_dir).validation
+    d = data.load(ds, data_dir)
+    val = d.validation
     if not 1 <= n_images <= len(val.labels):
         raise PdrayError(f"--n-images must be between 1 and {len(val.labels)}.")
     images, labels = val.images[:n_images], val.labels[:n_images]
@@ -67,7 +68,7 @@ def choose_threshold(dataset: str, classifier: str | None = None, pixelcnn: str 
     t = float(max(ok)) if ok else float("-inf")
     clean = np.where(bpd[("clean", 0)] < t, kept[("clean", 0)], purified[("clean", 0)])
     result = {
-        "bpd": t, "classifier": classifier, "eps_defend": eps_defend, "attacks": attack_names,
+        "bpd": t, "data": d.name, "classifier": classifier, "eps_defend": eps_defend, "attacks": attack_names,
         "eps_attack": eps_attack, "n_images": n_images,
         "chosen_on": f"validation images 0..{n_images - 1} (the held-out tail of the "
                      f"{ds.value} training split)",

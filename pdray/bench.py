@@ -89,7 +89,8 @@ def bench_purify(dataset: str, n_images: int = 64, batch_size: int = 64, eps_def
     model_name = model_name or f"{ds.value}-pixelcnn"
     device = torch_device()
     model, _ = zoo.load(model_name, device)
-    images = data.load(ds, data_dir).test.images[:n_images]
+    d = data.load(ds, data_dir)
+    images = d.test.images[:n_images]
     h, w, c = images.shape[1:]
     subpixels = h * w * c
     batch = images[:batch_size]
@@ -112,7 +113,7 @@ def bench_purify(dataset: str, n_images: int = 64, batch_size: int = 64, eps_def
                  "art_agreement_with_reference": float((art_out[:agreement_images] ==
                                                         reference_out).mean())}
     return {
-        "dataset": ds.value, "model": model_name, "device": str(device),
+        "dataset": ds.value, "data": d.name, "model": model_name, "device": str(device),
         "images": len(images), "batch_size": batch_size, "eps_defend": eps_defend,
         "fast_s": round(fast_s, 3), "reference_s": round(reference_s, 1),
         "reference_extrapolated": True, "reference_steps_timed": reference_steps,

@@ -3,7 +3,9 @@
 A ``data_dir`` the caller names is the only place looked at: a folder the user points at
 must hold the dataset. Without one, a dataset is looked up in ``PDRAY_DATA_DIR``, the user
 cache, Debian's ``dataset-fashion-mnist`` install, then downloaded from the official source
-into the cache, verified by checksum before it is used.
+into the cache, verified by checksum before it is used. Every load says where the data was
+found, what it is (``name``) and the sha256 of the files read, so a run can record its data
+and refuse to mix it with other data.
 
 A folder in the official format that also holds ``custom-dataset.txt`` (a line saying what
 the data is) is a custom dataset: a subset or synthetic images, any number of them, read
@@ -22,7 +24,7 @@ import shutil
 import tarfile
 import tempfile
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
@@ -60,6 +62,27 @@ FMNIST_FILES = {
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"  # of the official tarball
 CIFAR10_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+# md5 of the official batches as the archive unpacks them (torchvision's cifar.py checks the
+# same). A folder whose batches all match is CIFAR-10; one where none match is a copy.
+CIFAR10_OFFICIAL_MD5 = {
+    "data_batch_1": "c99cafc152244af753f735de768cd75f",
+    "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+    "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
+    "data_batch_4": "634d18415352ddfa80567beed471001a",
+    "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
+    "test_batch": "40351d587109b95175f43aff81a1287e",
+}
+# sha256 of the batches of the JPEG-decoded copy the shipped CIFAR-10 models were trained
+# on (official format and order, each image JPEG-compressed and decoded), so reports can say so.
+CIFAR10_JPEG_COPY_SHA256 = {
+    "data_batch_1": "dc2289cfc09ac4b3fecc62bdcac4874429c61b696619ed6f291a890051eeda72",
+    "data_batch_2": "0e86aa1f2d9c3f91641bcbac4f0accd75bfc4d959fe9b3f6dd1c966151de33eb",
+    "data_batch_3": "b58e2b257e88f435fe5838f017cb2fc57bea41c6556d14870f3518479ffff401",
+    "data_batch_4": "e676f0893709cf624e42cdf46ff88c842846f0a0efbff050a6ed2abdc957cb19",
+    "data_batch_5": "dfd6a76849a03c7f6d4c11b159a0c4d232ac4351d1f088b1bc2410689daa303e",
+    "test_batch": "0d959d2d330579a90df1154ebee5ce19ea3d2d1c1d138cb645283c7b2f9c4c13",
+}
+NAME = {Dataset.FMNIST: "Fashion-MNIST", Dataset.CIFAR10: "CIFAR-10"}
 
 
 class DatasetNotFound(PdrayError):
@@ -86,6 +109,8 @@ class Data:
     test: Split
     source: str  # the folder the arrays were read from
     custom: str | None = None  # a custom dataset's description; None for the official data
+    name: str = ""  # what the files are: "CIFAR-10", "CIFAR-10 (JPEG-decoded copy)", ...
+    sha256: dict = field(default_factory=dict)  # file name -> sha256 of its (decompressed) bytes
 
     @property
     def official(self) -> bool:
@@ -114,8 +139,13 @@ class Data:
         return {"dataset": self.dataset.value, "train": len(self.train.labels),
                 "test": len(self.test.labels), "validation": self.validation_images,
                 "shape": list(SHAPE[self.dataset]), "classes": list(self.classes),
-                "source": self.source, "official": self.official,
-                **({"custom": self.custom} if self.custom is not None else {})}
+                "source": self.source, "official": self.official, "name": self.name,
+                "sha256": self.sha256, **({"custom": self.custom} if self.custom is not None else {})}
+
+    def provenance(self) -> dict:
+        """What a run records about its data: same name and checksums, same data."""
+        return {"dataset": self.dataset.value, "name": self.name, "source": self.source,
+                "sha256": self.sha256}
 
 
 def cache_dir() -> Path:
@@ -234,7 +264,37 @@ def _read(dataset: Dataset, folder: Path) -> Data:
                              f"0..{len(CLASSES[dataset]) - 1}.")
     for a in (train.images, train.labels, test.images, test.labels):
         a.setflags(write=False)
-    return Data(dataset, train, test, str(folder), custom)
+    name, sums = _identify(dataset, folder, custom)
+    return Data(dataset, train, test, str(folder), custom, name, sums)
+
+
+def _identify(dataset: Dataset, folder: Path, custom: str | None) -> tuple[str, dict]:
+    """The data's name and the sha256 of each file read. Official Fashion-MNIST files are
+    checked against the official checksums as they are read, so they are the official data;
+    a custom dataset is named by its marker."""
+    if dataset is Dataset.FMNIST and custom is None:
+        return NAME[dataset], {n: FMNIST_FILES[n] for n in FMNIST_FILES}
+    if dataset is Dataset.FMNIST:
+        return (f"{NAME[dataset]} (custom: {custom})",
+                {n: hashlib.sha256(gzip.open(folder / n).read()).hexdigest() for n in FMNIST_FILES})
+    md5, sha = {}, {}
+    for n in CIFAR10_FILES:
+        raw = (folder / n).read_bytes()
+        md5[n], sha[n] = hashlib.md5(raw).hexdigest(), hashlib.sha256(raw).hexdigest()
+    if custom is not None:
+        return f"{NAME[dataset]} (custom: {custom})", sha
+    official = [n for n in CIFAR10_FILES if md5[n] == CIFAR10_OFFICIAL_MD5[n]]
+    if len(official) == len(CIFAR10_FILES):
+        return NAME[dataset], sha
+    if official:
+        bad = [n for n in CIFAR10_FILES if n not in official]
+        raise PdrayError(f"cifar10 data in {folder} mixes official and other files: "
+                         f"{', '.join(official)} match the official md5 checksums but "
+                         f"{', '.join(bad)} do not, so those are corrupt or from another copy. "
+                         f"Replace the folder with {_expected(dataset)}.")
+    if sha == CIFAR10_JPEG_COPY_SHA256:
+        return f"{NAME[dataset]} (JPEG-decoded copy)", sha
+    return f"{NAME[dataset]} (unofficial copy)", sha
 
 
 def _custom_description(folder: Path) -> str | None:

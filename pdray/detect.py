@@ -106,7 +106,7 @@ def detect(dataset: str, attack: str, eps_attack: int, n_images: int, data_dir=N
     p_clean, p_adv = pvalues(logp_clean, train_logp), pvalues(logp_adv, train_logp)
     _, _, auc = roc(-train_logp, -logp_adv)
     _, _, auc_clean = roc(-train_logp, -logp_clean)
-    return {"attack": attack.value, "eps_attack": eps_attack, "n_images": n_images,
+    return {"data": d.name, "attack": attack.value, "eps_attack": eps_attack, "n_images": n_images,
             "auc": auc, "auc_clean_test": auc_clean,
             "mean_pvalue_clean": float(p_clean.mean()), "mean_pvalue_attacked": float(p_adv.mean()),
             "ks_pvalue_clean": ks_uniform(p_clean),

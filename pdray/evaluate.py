@@ -49,4 +49,5 @@ def model_metric(name: str, n_images: int, data_dir: str | Path | None = None) -
         metric, value = "accuracy", float((predict(model, images) == labels).mean())
     else:
         metric, value = "bpd", float(bits_per_dim(model, images).mean())
-    return {"name": name, "metric": metric, "value": value, "n_images": n_images}
+    return {"name": name, "metric": metric, "value": value, "n_images": n_images,
+            "data": d.name}

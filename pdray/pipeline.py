@@ -325,6 +325,9 @@ def write_shard(out: Path, k: int, rows: pd.DataFrame) -> None:
 
 
 def _versions() -> dict:
+    """Library versions and the driver's CPU: the same code on another CPU family runs other
+    float kernels, which changes CW's and DeepFool's images (see README, Reproducibility)."""
+    import eagerpy
     import foolbox
     import ray
     import torch
@@ -333,11 +336,25 @@ def _versions() -> dict:
 
     return {"python": platform.python_version(), "pdray": pdray.__version__,
             "torch": torch.__version__, "ray": ray.__version__, "foolbox": foolbox.__version__,
-            "numpy": np.__version__, "pandas": pd.__version__}
+            "eagerpy": eagerpy.__version__, "numpy": np.__version__, "pandas": pd.__version__,
+            "cpu": f"{_cpu_model()} ({platform.machine()}, torch kernels "
+                   f"{torch.backends.cpu.get_cpu_capability()})"}
 
 
-def prepare_out(cfg: EvalConfig, opts: RunOptions, shards: list[list[int]]) -> Path:
-    """Create OUT and its run.json, or check that an existing OUT is this configuration."""
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def prepare_out(cfg: EvalConfig, opts: RunOptions, shards: list[list[int]],
+                data_source: dict | None = None) -> Path:
+    """Create OUT and its run.json, or check that an existing OUT is this configuration
+    and, when both record it, the same data (``data.Data.provenance``)."""
     out = Path(opts.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -357,6 +374,7 @@ def prepare_out(cfg: EvalConfig, opts: RunOptions, shards: list[list[int]]) -> P
             old = None
         if not isinstance(old, dict) or not isinstance(old.get("config"), dict):
             raise PdrayError(f"{path} is unreadable; use a new --out folder.")
+        _check_same_data(out, old.get("data"), data_source)
         # A run.json from before an option existed matches if this run leaves it at its default.
         defaults = {f.name: f.default for f in fields(EvalConfig)}
         old["config"] = {**{k: v for k, v in run["config"].items() if v == defaults.get(k)},
@@ -367,10 +385,23 @@ def prepare_out(cfg: EvalConfig, opts: RunOptions, shards: list[list[int]]) -> P
     from pdray.detect import train_log_likelihoods
 
     run.update(versions=_versions(), train_logp_n=len(train_log_likelihoods(cfg.pixelcnn)),
-               command=_command())
+               command=_command(), **({"data": data_source} if data_source else {}))
     if not path.exists():
         atomic_write(path, lambda tmp: tmp.write_text(json.dumps(run, indent=2) + "\n"))
     return out
+
+
+def _check_same_data(out: Path, old: dict | None, new: dict | None) -> None:
+    """Resuming on other data would mix two datasets' rows in one table. The folder the
+    data is read from may change; its name and checksums may not. A run.json from before
+    runs recorded their data cannot be checked."""
+    if not old or not new or (old.get("name"), old.get("sha256")) == (new["name"], new["sha256"]):
+        return
+    raise PdrayError(f"{out} holds results computed on {old.get('name')} read from "
+                     f"{old.get('source')}, but this run reads {new['name']} from "
+                     f"{new['source']}, and the files' sha256 checksums differ (see run.json); "
+                     f"resuming would mix results from two datasets. Point --data-dir at the "
+                     f"data that run used, or use a new --out folder.")
 
 
 def _check_models(cfg: EvalConfig) -> None:
@@ -423,7 +454,7 @@ def run(cfg: EvalConfig, opts: RunOptions, log=_log) -> Path:
         raise PdrayError(f"--shard must be in 0..{len(shards) - 1} for {len(shards)} shards; "
                          f"got {opts.shard}.")
     _check_models(cfg)
-    out = prepare_out(cfg, opts, shards)
+    out = prepare_out(cfg, opts, shards, d.provenance())
     todo = [opts.shard] if opts.shard is not None else list(range(len(shards)))
     if opts.resume:
         todo = [k for k in todo if k not in completed_shards(out)]
@@ -469,6 +500,10 @@ def _evaluate(cfg: EvalConfig, opts: RunOptions, shards: list[list[int]], todo: 
         require_gpus(num_purifiers)
     ctx = DataContext.get_current()
     ctx.wait_for_min_actors_s = 600  # a GPU the cluster never gets fails instead of hanging
+    # PixelDefend's float32 argmax can depend on which images share a purifier batch, and
+    # shards smaller than a batch share one in the order their attacks finish: keep shard
+    # order, so the same command always batches the same rows together.
+    ctx.execution_options.preserve_order = True
     per_image = rows_per_image(cfg)
     expected = {k: len(shards[k]) * per_image for k in todo}
     log(f"evaluating {sum(len(shards[k]) for k in todo)} images in {len(todo)} shard(s): "

@@ -203,8 +203,10 @@ def report(out: str | Path) -> str:
     before, after = paper.HEADLINE_STRONGEST[cfg["dataset"]]
     beside += [f"The paper's abstract: strongest-attack accuracy {before}% without and {after}% "
                f"with PixelDefend on this dataset.", ""]
-    md = [f"# pdray report: {cfg['dataset']}", "",
-          f"{df.image_id.nunique()} test images; eps_attack {eps}; eps_defend {cfg['eps_defend']}; "
+    data_name = run.get("data", {}).get("name") or f"{cfg['dataset']} (data not recorded)"
+    md = [f"# pdray report: {data_name}", "",
+          f"{df.image_id.nunique()} test images of {data_name}; eps_attack {eps}; "
+          f"eps_defend {cfg['eps_defend']}; "
           f"PixelCNN {cfg['pixelcnn']}; classifiers {', '.join(cfg['classifiers'])}.", "",
           f"## Table 1 (accuracy %, cells are eps_attack {eps})", "", table,
           "STRONGEST is the minimum over attacks per cell, as in the paper; WORST CASE counts an "

@@ -21,11 +21,9 @@ def test_attack_invariants(name, eps_attack, samples, request):
     assert adv.dtype == np.uint8 and adv.shape == images.shape
     delta = adv.astype(np.int16) - images.astype(np.int16)
     assert np.abs(delta).max() <= eps_attack  # inside the eps ball, integer pixels
-    # and it did something (BPDA leaves images the defended model already gets wrong alone)
-    # (CW with this few steps may find nothing against a tiny random model and then returns
-    # the input, as test_a_failed_minimisation_attack_returns_the_original requires; that
-    # every gradient attack hurts is test_attacks_lower_accuracy_of_a_trained_model's job)
-    assert np.abs(delta).max() > 0 or name in ("bpda", "cw")
+    # and it did something; BPDA leaves images the defended model already gets wrong alone,
+    # and DeepFool and CW images they cannot fool (whether they hurt is tested below)
+    assert np.abs(delta).max() > 0 or name in ("bpda", "deepfool", "cw")
     if name in ("fgsm",):
         # FGSM moves every sub-pixel by exactly eps unless a bound clips it.
         clipped = (images.astype(int) + eps_attack > 255) | (images.astype(int) - eps_attack < 0)

@@ -13,10 +13,10 @@ CORRECT = {
              ("rand", 25): [1, 1, 1, 1], ("fgsm", 25): [0, 0, 1, 1], ("deepfool", 25): [0, 1, 1, 1],
              ("bpda", 25): [1, 1, 1, 1]},
     "pixeldefend": {("clean", 0): [1, 1, 1, 1],
-                    ("rand", 8): [1, 1, 1, 1], ("fgsm", 8): [1, 1, 1, 1], ("deepfool", 8): [0, 1, 1, 1],
-                    ("bpda", 8): [0, 1, 0, 1],
-                    ("rand", 25): [0, 1, 1, 1], ("fgsm", 25): [1, 0, 1, 1], ("deepfool", 25): [1, 1, 0, 0],
-                    ("bpda", 25): [0, 0, 0, 0]},
+                    ("rand", 8): [1, 1, 1, 1], ("fgsm", 8): [1, 1, 1, 1],
+                    ("deepfool", 8): [0, 1, 1, 1], ("bpda", 8): [0, 1, 0, 1],
+                    ("rand", 25): [0, 1, 1, 1], ("fgsm", 25): [1, 0, 1, 1],
+                    ("deepfool", 25): [1, 1, 0, 0], ("bpda", 25): [0, 0, 0, 0]},
 }
 
 # (defense, attack, eps_attack) -> accuracy, worked out from CORRECT by hand. STRONGEST is
