@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import torch
 from PIL import Image
 
 from pdray import attacks, data, purify, zoo
@@ -35,18 +36,48 @@ def jpeg(images: np.ndarray, quality: int) -> np.ndarray:
     return out
 
 
+@torch.no_grad()
+def model_modes(pixelcnn, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    """The most likely value of every sub-pixel given the pixels before it (uint8 NHWC).
+    On a purified image these are the unconstrained choices Algorithm 1 weighed, since each
+    of its decisions saw exactly the purified prefix."""
+    device = next(pixelcnn.parameters()).device
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])).to(device)
+        out.append(pixelcnn(x.permute(0, 3, 1, 2).long()).argmax(-1).permute(0, 2, 3, 1).cpu())
+    return torch.cat(out).numpy().astype(np.uint8)
+
+
+def kept(purified: np.ndarray, purified_clean: np.ndarray, x: np.ndarray, clean: np.ndarray,
+         where: np.ndarray | None = None) -> float:
+    """How much of the perturbation purification keeps: the least-squares coefficient of
+    (purified input - purified clean image) on (input - clean image). 1 when purification
+    passes the perturbation through (eps_defend 0), 0 when it lands where the clean image
+    does whatever the input was."""
+    moved = purified.astype(np.float64) - purified_clean
+    delta = x.astype(np.float64) - clean
+    if where is not None:
+        moved, delta = moved[where], delta[where]
+    return float((moved * delta).sum() / max((delta * delta).sum(), 1e-12))
+
+
 def probe(pixelcnn, classifier, images: np.ndarray, labels: np.ndarray, *, eps_attack: int = 8,
           eps_defend: int = 16, inputs: tuple[str, ...] = ("clean", "fgsm", "bim"),
           batch_size: int = 64) -> list[dict]:
     """Where purification takes each kind of input, one row per input kind: accuracy
-    before and after, bits/dim before and after, mean |purified - clean| in levels, and the
-    share of sub-pixels that end on the edge of the eps_defend ball."""
+    before and after, bits/dim before and after, mean |purified - clean| in levels, the
+    share of sub-pixels that end on the edge of the eps_defend ball, the share decided by
+    the model (the purified value is its unconstrained mode there), and for attacked inputs
+    how much of the perturbation survives (``kept``), overall and where the model decided."""
     rows = []
+    purified_clean = purify.pixeldefend(pixelcnn, images, eps_defend, batch_size=batch_size)
     for kind in inputs:
         x = images if kind == "clean" else attacks.attack(kind, classifier, images, labels, eps_attack)
         purified, bpd_after = purify.pixeldefend(pixelcnn, x, eps_defend, batch_size=batch_size,
                                                  return_bpd=True)
         moved = np.abs(purified.astype(np.int16) - x.astype(np.int16))
+        free = model_modes(pixelcnn, purified) == purified
         rows.append({
             "input": kind, "eps_attack": 0 if kind == "clean" else eps_attack,
             "eps_defend": eps_defend, "n_images": len(images),
@@ -57,7 +88,11 @@ def probe(pixelcnn, classifier, images: np.ndarray, labels: np.ndarray, *, eps_a
             "input_to_clean": float(np.abs(x.astype(np.int16) - images).mean()),
             "purified_to_clean": float(np.abs(purified.astype(np.int16) - images).mean()),
             "edge_fraction": float((moved == eps_defend).mean()),
+            "model_decided_fraction": float(free.mean()),
         })
+        if kind != "clean":
+            rows[-1]["perturbation_kept"] = kept(purified, purified_clean, x, images)
+            rows[-1]["kept_where_model_decided"] = kept(purified, purified_clean, x, images, free)
     return rows
 
 

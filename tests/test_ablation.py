@@ -27,6 +27,11 @@ def test_probe_reports_where_purification_goes(fmnist_samples):
         assert r["purified_to_clean"] == r["input_to_clean"]
         assert r["bpd_after"] == pytest.approx(r["bpd_before"])
     assert untouched[0]["input_to_clean"] == 0 and untouched[1]["input_to_clean"] > 0
+    assert untouched[1]["perturbation_kept"] == pytest.approx(1.0)  # nothing purified away
+    anywhere = ablation.probe(pixelcnn, classifier, images, labels, eps_defend=255,
+                              inputs=("fgsm",))[0]
+    # The whole range is feasible: every value is the model's mode, whatever the input was.
+    assert anywhere["model_decided_fraction"] == 1.0 and anywhere["perturbation_kept"] == 0.0
     moved = ablation.probe(pixelcnn, classifier, images, labels, eps_defend=4, inputs=("clean",))[0]
     assert 0 < moved["purified_to_clean"] <= 4 and 0 < moved["edge_fraction"] <= 1
 
