@@ -329,6 +329,9 @@ def train_pixelcnn(
         jpeg_quality: int = typer.Option(0, "--jpeg-quality", min=0, max=100,
                                          help="Train and score on JPEG copies at this quality "
                                               "(the data control of pdray.ablation); 0: off."),
+        noise: float = typer.Option(0.0, "--noise", min=0.0, max=64.0,
+                                    help="Gaussian noise of this std (levels) on every training "
+                                         "batch; test bits/dim stay on clean images. 0: off."),
         data_dir: Optional[Path] = DataDir,
         resume_from: Optional[Path] = typer.Option(None, "--resume-from"),
         workers: int = typer.Option(1, "--workers"),
@@ -344,8 +347,8 @@ def train_pixelcnn(
                                logistic=logistic, head=head, mixtures=mixtures, compile=compile,
                                steps=steps, batch_size=batch_size, lr=lr, grad_clip=grad_clip,
                                report_every=report_every, eval_images=eval_images,
-                               jpeg_quality=jpeg_quality, data_dir=str(data_dir) if data_dir else None,
-                               resume_from=str(resume_from) if resume_from else None)
+                               jpeg_quality=jpeg_quality, noise=noise,
+                               data_dir=str(data_dir) if data_dir else None, resume_from=str(resume_from) if resume_from else None)
     scaling = train.Scaling(num_workers=workers, use_gpu=gpu, cpus_per_worker=cpus_per_worker,
                             runs_dir=str(runs_dir))
     emit(train.train_pixelcnn(cfg, scaling, ship=ship), as_json)

@@ -290,13 +290,16 @@ class PixelCNNConfig:
     eval_images: int = 1000        # test images scored at each report
     seed: int = 0
     jpeg_quality: int = 0          # > 0: train and score on JPEG copies (pdray.ablation's control)
+    noise: float = 0.0             # > 0: Gaussian noise of this std (levels) on each training
+                                   # batch, rounded and clipped; test bits/dim stay on clean images
     data_dir: str | None = None
     resume_from: str | None = None
 
     @property
     def name(self) -> str:
         return (f"{self.dataset}-pixelcnn" + (f"-{self.head}" if self.head != "free" else "")
-                + (f"-jpeg{self.jpeg_quality}" if self.jpeg_quality else ""))
+                + (f"-jpeg{self.jpeg_quality}" if self.jpeg_quality else "")
+                + (f"-noise{self.noise:g}" if self.noise else ""))
 
     def model_config(self):
         return pixelcnn.Config(channels=data.SHAPE[data.parse_dataset(self.dataset)][2],
@@ -349,6 +352,7 @@ def pixelcnn_loop(config: dict) -> None:
     if cfg.jpeg_quality:
         train_x, test_x = ablation.jpeg(train_x, cfg.jpeg_quality), ablation.jpeg(test_x, cfg.jpeg_quality)
     per_epoch = len(train_x) // cfg.batch_size
+    noise = torch.Generator().manual_seed(cfg.seed)
 
     def checkpoint(train_bpd: float | None) -> None:
         n_eval = min(cfg.eval_images, len(test_x))
@@ -378,7 +382,10 @@ def pixelcnn_loop(config: dict) -> None:
             if s_i < s:
                 continue  # resume mid-epoch at the same batch
             model.train()
-            x = torch.from_numpy(train_x[idx].transpose(0, 3, 1, 2).copy()).to(device)
+            x = torch.from_numpy(train_x[idx].transpose(0, 3, 1, 2).copy())
+            if cfg.noise:
+                x = (x + torch.randn(x.shape, generator=noise) * cfg.noise).round().clamp(0, 255).to(torch.uint8)
+            x = x.to(device)
             for g in opt.param_groups:
                 g["lr"] = cfg.lr * cfg.lr_decay ** step
             loss = forward(x).mean()  # through the wrapped module, so DDP syncs
