@@ -14,9 +14,11 @@ import numpy as np
 from PIL import Image
 
 from pdray import attacks, data, purify, zoo
+from pdray.classifiers import predict
 from pdray.cluster import torch_device
+from pdray.config import check_eps, classifier_name
 from pdray.errors import PdrayError
-from pdray.evaluate import bits_per_dim, predict
+from pdray.pixelcnn import bits_per_dim
 
 # The quality whose mean absolute error on the first 2,000 Fashion-MNIST test images (6.25
 # levels) matches the CIFAR-10 copy's (6.24); quality 50 gives 5.83 and 40 gives 6.84.
@@ -78,7 +80,7 @@ def run(dataset: str, pixelcnn: str, classifier: str | None = None, *, n_images:
         data_dir=None) -> list[dict]:
     """``probe`` on the first ``n_images`` validation images (the held-out tail of the
     training split: never tune on the test set), optionally JPEG-compressed first."""
-    attacks.check_eps(eps_attack), attacks.check_eps(eps_defend, "eps_defend")  # before any work
+    check_eps(eps_attack), check_eps(eps_defend, "eps_defend")  # before any work
     d = data.load(dataset, data_dir)
     split = d.validation
     if not 1 <= n_images <= len(split.labels):
@@ -91,7 +93,7 @@ def run(dataset: str, pixelcnn: str, classifier: str | None = None, *, n_images:
     if density.config.channels != images.shape[-1]:
         raise PdrayError(f"{pixelcnn} models {density.config.channels}-channel images; "
                          f"{d.dataset.value} has {images.shape[-1]}.")
-    model, _ = zoo.load(classifier or f"{d.dataset.value}-resnet-normal", device)
+    model, _ = zoo.load(classifier or classifier_name(d.dataset), device)
     rows = probe(density, model, images, labels, eps_attack=eps_attack, eps_defend=eps_defend)
     for row in rows:
         row.update(dataset=d.dataset.value, pixelcnn=str(pixelcnn), last_weights=last_weights,
