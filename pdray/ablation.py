@@ -15,9 +15,12 @@ import torch
 from PIL import Image
 
 from pdray import attacks, data, purify, zoo
+from pdray.classifiers import predict
 from pdray.cluster import torch_device
+from pdray.config import check_eps, classifier_name
 from pdray.errors import PdrayError
-from pdray.evaluate import bits_per_dim, predict
+from pdray.pixelcnn import bits_per_dim
+from pdray.pixels import to_nchw, to_nhwc
 
 # The quality whose mean absolute error on the first 2,000 Fashion-MNIST test images (6.25
 # levels) matches the CIFAR-10 copy's (6.24); quality 50 gives 5.83 and 40 gives 6.84.
@@ -42,11 +45,8 @@ def model_modes(pixelcnn, images: np.ndarray, batch_size: int = 32) -> np.ndarra
     On a purified image these are the unconstrained choices Algorithm 1 weighed, since each
     of its decisions saw exactly the purified prefix."""
     device = next(pixelcnn.parameters()).device
-    out = []
-    for i in range(0, len(images), batch_size):
-        x = torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])).to(device)
-        out.append(pixelcnn(x.permute(0, 3, 1, 2).long()).argmax(-1).permute(0, 2, 3, 1).cpu())
-    return torch.cat(out).numpy().astype(np.uint8)
+    return np.concatenate([to_nhwc(pixelcnn(to_nchw(images[i:i + batch_size], device)).argmax(-1))
+                           for i in range(0, len(images), batch_size)])
 
 
 def kept(purified: np.ndarray, purified_clean: np.ndarray, x: np.ndarray, clean: np.ndarray,
@@ -113,7 +113,7 @@ def run(dataset: str, pixelcnn: str, classifier: str | None = None, *, n_images:
         data_dir=None) -> list[dict]:
     """``probe`` on the first ``n_images`` validation images (the held-out tail of the
     training split: never tune on the test set), optionally JPEG-compressed first."""
-    attacks.check_eps(eps_attack), attacks.check_eps(eps_defend, "eps_defend")  # before any work
+    check_eps(eps_attack), check_eps(eps_defend, "eps_defend")  # before any work
     d = data.load(dataset, data_dir)
     split = d.validation
     if not 1 <= n_images <= len(split.labels):
@@ -126,7 +126,7 @@ def run(dataset: str, pixelcnn: str, classifier: str | None = None, *, n_images:
     if density.config.channels != images.shape[-1]:
         raise PdrayError(f"{pixelcnn} models {density.config.channels}-channel images; "
                          f"{d.dataset.value} has {images.shape[-1]}.")
-    model, _ = zoo.load(classifier or f"{d.dataset.value}-resnet-normal", device)
+    model, _ = zoo.load(classifier or classifier_name(d.dataset), device)
     rows = probe(density, model, images, labels, eps_attack=eps_attack, eps_defend=eps_defend)
     for row in rows:
         row.update(dataset=d.dataset.value, pixelcnn=str(pixelcnn), last_weights=last_weights,

@@ -15,9 +15,12 @@ from __future__ import annotations
 import numpy as np
 
 from pdray import attacks, data, purify, zoo
+from pdray.classifiers import predict
 from pdray.cluster import torch_device
-from pdray.evaluate import bits_per_dim, predict
+from pdray.config import (PAPER_ATTACKS, classifier_name, eps_attack_for, eps_defend_for,
+                          parse_attack, parse_dataset, pixelcnn_name)
 from pdray.errors import PdrayError
+from pdray.pixelcnn import bits_per_dim
 
 
 def strongest_accuracy(correct_kept: dict, correct_purified: dict, bpd: dict, t: float) -> float:
@@ -35,16 +38,12 @@ def choose_threshold(dataset: str, classifier: str | None = None, pixelcnn: str 
                      eps_defend: int | None = None, attack_names: list[str] | None = None,
                      eps_attack: list[int] | None = None, n_images: int = 256,
                      data_dir=None, store: bool = True) -> dict:
-    from pdray.pipeline import DEFAULT_EPS_ATTACK, DEFAULT_EPS_DEFEND
-
-    ds = data.parse_dataset(dataset)
-    classifier = classifier or f"{ds.value}-resnet-normal"
-    pixelcnn = pixelcnn or f"{ds.value}-pixelcnn"
-    eps_defend = attacks.check_eps(DEFAULT_EPS_DEFEND[ds] if eps_defend is None else eps_defend,
-                                   "eps_defend")
-    attack_names = [attacks.parse_attack(a).value for a in
-                    (attack_names or attacks.PAPER_ATTACKS)]
-    eps_attack = [attacks.check_eps(e) for e in (eps_attack or DEFAULT_EPS_ATTACK[ds])]
+    ds = parse_dataset(dataset)
+    classifier = classifier or classifier_name(ds)
+    pixelcnn = pixelcnn or pixelcnn_name(ds)
+    eps_defend = eps_defend_for(ds, eps_defend)
+    attack_names = [parse_attack(a).value for a in (attack_names or PAPER_ATTACKS)]
+    eps_attack = eps_attack_for(ds, eps_attack)
     d = data.load(ds, data_dir)
     val = d.validation
     if not 1 <= n_images <= len(val.labels):

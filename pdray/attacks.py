@@ -19,8 +19,8 @@ predictions (Appendix C), so it is written directly in torch.
 
 from __future__ import annotations
 
+import inspect
 import math
-from enum import Enum
 from typing import Callable
 
 import foolbox as fb
@@ -29,29 +29,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pdray.errors import PdrayError, parse_choice
-
-
-class Attack(str, Enum):
-    RAND = "rand"
-    FGSM = "fgsm"
-    BIM = "bim"
-    DEEPFOOL = "deepfool"
-    CW = "cw"
-    BPDA = "bpda"  # adaptive, on a defense; not one of the paper's attacks
-
-
-PAPER_ATTACKS = [a.value for a in Attack if a is not Attack.BPDA]
-
-
-def parse_attack(name: str | Attack) -> Attack:
-    return parse_choice(Attack, name, "attack")
-
-
-def check_eps(eps: int, what: str = "eps_attack") -> int:
-    if isinstance(eps, float) and not eps.is_integer() or not 0 <= eps <= 255:
-        raise PdrayError(f"{what} must be a whole number of pixel levels in 0..255; got {eps}.")
-    return int(eps)
+from pdray.config import Attack, check_eps, parse_attack
+from pdray.errors import PdrayError
+from pdray.pixels import check_images, to_nchw
 
 
 def bim_steps(eps_attack: int) -> int:
@@ -104,8 +84,9 @@ def _device(model: nn.Module) -> torch.device:
 
 
 def _to_unit(model: nn.Module, images: np.ndarray, labels: np.ndarray):
-    x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).float() / 255.0
-    return x.to(_device(model)), torch.as_tensor(labels, dtype=torch.long, device=_device(model))
+    device = _device(model)
+    return (to_nchw(images, device).float() / 255.0,
+            torch.as_tensor(labels, dtype=torch.long, device=device))
 
 
 def _foolbox(attack: fb.Attack, model: nn.Module, images: np.ndarray, labels: np.ndarray,
@@ -126,7 +107,7 @@ def _found_or_original(images: np.ndarray, raw: np.ndarray, found: np.ndarray) -
     return np.where(found[:, None, None, None], raw, images.astype(np.float64))
 
 
-def rand(model, images, labels, eps_list, *, seed=0, image_ids=None, **_) -> list[np.ndarray]:
+def rand(model, images, labels, eps_list, *, seed=0, image_ids=None) -> list[np.ndarray]:
     """X + U{-eps, ..., eps} per sub-pixel, clipped to valid pixels. With ``image_ids``
     each image's noise depends only on (seed, image id, eps), not on its batch."""
     out = []
@@ -141,18 +122,18 @@ def rand(model, images, labels, eps_list, *, seed=0, image_ids=None, **_) -> lis
     return out
 
 
-def fgsm(model, images, labels, eps_list, **_) -> list[np.ndarray]:
+def fgsm(model, images, labels, eps_list) -> list[np.ndarray]:
     attack = fb.attacks.LinfFastGradientAttack(random_start=False)
     return [project(images, _foolbox(attack, model, images, labels, e)[0], e) for e in eps_list]
 
 
-def bim(model, images, labels, eps_list, **_) -> list[np.ndarray]:
+def bim(model, images, labels, eps_list) -> list[np.ndarray]:
     return [project(images, _foolbox(fb.attacks.LinfBasicIterativeAttack(
         abs_stepsize=1 / 255.0, steps=bim_steps(e), random_start=False),
         model, images, labels, e)[0], e) for e in eps_list]
 
 
-def deepfool(model, images, labels, eps_list, *, deepfool_steps=50, **_) -> list[np.ndarray]:
+def deepfool(model, images, labels, eps_list, *, deepfool_steps=50) -> list[np.ndarray]:
     """L2 DeepFool (the original formulation), run once, then clipped to each L-inf ball.
     An image it does not fool within its steps stays as it is, not its last iterate."""
     raw, found = _foolbox(fb.attacks.L2DeepFoolAttack(steps=deepfool_steps, candidates=10),
@@ -161,8 +142,8 @@ def deepfool(model, images, labels, eps_list, *, deepfool_steps=50, **_) -> list
     return [project(images, raw, e, outward=True) for e in eps_list]
 
 
-def cw(model, images, labels, eps_list, *, cw_steps=50, cw_binary_search_steps=3,
-       **_) -> list[np.ndarray]:
+def cw(model, images, labels, eps_list, *, cw_steps=50,
+       cw_binary_search_steps=3) -> list[np.ndarray]:
     """L2 Carlini-Wagner, run once, then clipped to each L-inf ball. Far fewer steps than
     the CW paper's 10,000 x 9, with a larger step size and initial constant to make up:
     the clip to a small eps ball makes long optimisation moot.
@@ -182,7 +163,7 @@ def cw(model, images, labels, eps_list, *, cw_steps=50, cw_binary_search_steps=3
 
 
 def bpda(model, images, labels, eps_list, *, defend: Callable[[np.ndarray], np.ndarray] | None = None,
-         bpda_steps: int | None = None, **_) -> list[np.ndarray]:
+         bpda_steps: int | None = None) -> list[np.ndarray]:
     """BPDA on ``defend`` (uint8 NHWC -> uint8 NHWC) followed by the classifier: BIM's
     schedule (alpha = 1, Kurakin's step count unless ``bpda_steps`` is given) with each
     step's gradient taken at the defended image, as if the defense were the identity
@@ -218,18 +199,27 @@ def bpda(model, images, labels, eps_list, *, defend: Callable[[np.ndarray], np.n
 
 ATTACKS = {Attack.RAND: rand, Attack.FGSM: fgsm, Attack.BIM: bim,
            Attack.DEEPFOOL: deepfool, Attack.CW: cw, Attack.BPDA: bpda}
+# Each attack's keyword options (seed, cw_steps, ...), read from its signature.
+OPTIONS = {a: [p.name for p in inspect.signature(fn).parameters.values()
+               if p.kind is p.KEYWORD_ONLY] for a, fn in ATTACKS.items()}
 
 
 def attack_many(name: str | Attack, model: nn.Module, images: np.ndarray, labels: np.ndarray,
                 eps_list: list[int], **options) -> list[np.ndarray]:
     """One attack at several eps_attack on a uint8 NHWC batch; each result is uint8 inside
-    its eps ball. Minimisation attacks run once and are clipped to each eps."""
+    its eps ball. Minimisation attacks run once and are clipped to each eps. ``options``
+    may hold any attack's options, so one set serves every attack: each gets those it
+    takes, and a name that no attack takes is an error."""
     name = parse_attack(name)
+    unknown = set(options) - {o for names in OPTIONS.values() for o in names}
+    if unknown:
+        raise TypeError(f"unknown attack option(s) {', '.join(sorted(unknown))}; the attacks "
+                        f"take {', '.join(sorted({o for v in OPTIONS.values() for o in v}))}")
     eps_list = [check_eps(e) for e in eps_list]
-    if images.dtype != np.uint8 or images.ndim != 4:
-        raise PdrayError(f"Images must be uint8 NHWC; got {images.dtype} {images.shape}.")
+    check_images(images)
     todo = sorted({e for e in eps_list if e > 0})
-    done = dict(zip(todo, ATTACKS[name](model, images, labels, todo, **options))) \
+    mine = {k: v for k, v in options.items() if k in OPTIONS[name]}
+    done = dict(zip(todo, ATTACKS[name](model, images, labels, todo, **mine))) \
         if todo and len(images) else {}
     return [done.get(e, images.copy()) for e in eps_list]
 

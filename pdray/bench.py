@@ -9,7 +9,7 @@ runs of both on ``agreement_images`` images.
 
 from __future__ import annotations
 
-import resource
+import tempfile
 import time
 from dataclasses import asdict
 
@@ -17,9 +17,12 @@ import numpy as np
 import torch
 
 from pdray import data, purify, zoo
-from pdray.cluster import torch_device
+from pdray.cluster import init_ray, torch_device
+from pdray.config import EvalConfig, RunOptions, eps_defend_for, parse_dataset, pixelcnn_name
 from pdray.errors import PdrayError
-from pdray.evaluate import bits_per_dim, to_tensor
+from pdray.monitor import PeakMemory, peak_rss_mb
+from pdray.pixelcnn import bits_per_dim
+from pdray.pixels import to_nchw
 
 
 def _timed(fn):
@@ -30,10 +33,6 @@ def _timed(fn):
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return out, time.perf_counter() - t
-
-
-def peak_mem_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 class _ArtProbabilities(torch.nn.Module):
@@ -80,13 +79,16 @@ def art_pixeldefend(model, images: np.ndarray, eps_defend: int, batch_size: int)
     return np.rint(out * 255.0).astype(np.uint8)
 
 
-def bench_purify(dataset: str, n_images: int = 64, batch_size: int = 64, eps_defend: int = 16,
-                 reference_steps: int = 32, agreement_images: int = 2, data_dir=None,
-                 model_name: str | None = None, art: bool = False) -> dict:
-    ds = data.parse_dataset(dataset)
+def bench_purify(dataset: str, n_images: int = 64, batch_size: int = 64,
+                 eps_defend: int | None = None, reference_steps: int = 32,
+                 agreement_images: int = 2, data_dir=None, model_name: str | None = None,
+                 art: bool = False) -> dict:
+    """``eps_defend`` defaults to the paper's for the dataset."""
+    ds = parse_dataset(dataset)
+    eps_defend = eps_defend_for(ds, eps_defend)
     if n_images < 1 or batch_size < 1 or reference_steps < 1 or agreement_images < 0:
         raise PdrayError("n-images, batch-size and reference-steps must be at least 1.")
-    model_name = model_name or f"{ds.value}-pixelcnn"
+    model_name = model_name or pixelcnn_name(ds)
     device = torch_device()
     model, _ = zoo.load(model_name, device)
     d = data.load(ds, data_dir)
@@ -94,7 +96,7 @@ def bench_purify(dataset: str, n_images: int = 64, batch_size: int = 64, eps_def
     h, w, c = images.shape[1:]
     subpixels = h * w * c
     batch = images[:batch_size]
-    x, eps = to_tensor(batch, device), torch.full((len(batch),), eps_defend, device=device)
+    x, eps = to_nchw(batch, device), torch.full((len(batch),), eps_defend, device=device)
     with torch.inference_mode():
         model(x)  # warm-up
         _, forward_s = _timed(lambda: model(x))
@@ -123,7 +125,7 @@ def bench_purify(dataset: str, n_images: int = 64, batch_size: int = 64, eps_def
         "forward_s": round(forward_s, 4), "forward_equivalents": round(fast_s / forward_s / batches, 2),
         "bpd_input": float(bits_per_dim(model, images).mean()),
         "bpd_fast": float(bits_per_dim(model, fast_out).mean()),
-        "peak_mem_mb": round(peak_mem_mb(), 1),
+        "peak_mem_mb": round(peak_rss_mb(), 1),
         "torch_threads": torch.get_num_threads(), **extra,
     }
 
@@ -136,21 +138,17 @@ def bench_pipeline(dataset: str = "fmnist", n_images: int = 512, shards: int = 1
     settings: one attacker and one purifier, so the ratio is Ray's overhead (or the gain
     from running the two stages side by side on two cores). Ray itself is started before
     the clock starts; starting the actor processes and loading models in them is timed."""
-    import tempfile
+    from pdray import pipeline  # Ray's second of start-up, which bench purify does without
 
-    from pdray import pipeline
-    from pdray.cluster import init_ray
-    from pdray.monitor import PeakMemory
-
-    cfg = pipeline.resolve(pipeline.EvalConfig(
+    cfg = pipeline.resolve(EvalConfig(
         dataset=dataset, n_images=n_images, shards=shards, attacks=list(attack_names),
         eps_attack=list(eps_attack), defenses=list(defenses), save_images=0))
     data.locate(cfg.dataset, data_dir)  # a missing dataset fails before Ray starts
     init_ray()
     with tempfile.TemporaryDirectory() as tmp, PeakMemory() as mem:
         _, pipeline_s = _timed(lambda: pipeline.run(
-            cfg, pipeline.RunOptions(out=out or tmp, data_dir=data_dir, num_attackers=1,
-                                     num_purifiers=1, gpus="0", report=False),
+            cfg, RunOptions(out=out or tmp, data_dir=data_dir, num_attackers=1,
+                            num_purifiers=1, gpus="0"),
             log=lambda *_: None))
     shards_ids = [s.tolist() for s in data.shard_indices(cfg.n_images, cfg.shards)]
 

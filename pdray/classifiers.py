@@ -6,18 +6,14 @@ the PixelCNN all share the one integer pixel space.
 
 from __future__ import annotations
 
-from enum import Enum
-
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pdray.config import Arch
 from pdray.errors import parse_choice
-
-
-class Arch(str, Enum):
-    RESNET = "resnet"
-    VGG = "vgg"
+from pdray.pixels import to_nchw
 
 
 class Normalize(nn.Module):
@@ -102,16 +98,21 @@ class VGG(nn.Module):
         return self.classifier(self.features(self.normalize(x)))
 
 
-def parse_arch(name: str | Arch) -> Arch:
-    return parse_choice(Arch, name, "classifier architecture")
-
-
 def build(arch: str | Arch, shape: tuple[int, int, int], mean: list[float],
           std: list[float], **options) -> nn.Module:
     """A classifier for images of ``shape`` (H, W, C) whose pixels have these channel
     stats; ``options`` shrink the network for tests (ResNet ``units``)."""
-    arch = parse_arch(arch)
+    arch = parse_choice(Arch, arch, "classifier architecture")
     h, _, c = shape
     if arch is Arch.RESNET:
         return ResNet(c, mean, std, **options)
     return VGG(c, mean, std, image_size=h, **options)
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, images: np.ndarray, batch_size: int = 250) -> np.ndarray:
+    """Class predictions for uint8 NHWC images."""
+    device = next(model.parameters()).device
+    out = [model(to_nchw(images[i:i + batch_size], device).float()).argmax(1).cpu().numpy()
+           for i in range(0, len(images), batch_size)]
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)

@@ -1,4 +1,8 @@
-"""The `pdray` command: a thin shell that parses options and calls one library function."""
+"""The `pdray` command: a thin shell that parses options and calls one library function.
+
+Defaults come from pdray.config. Each command imports the modules it calls when it runs:
+torch, Ray and foolbox take seconds to import, which `pdray --help` should not pay.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,18 @@ from typing import Optional
 
 import typer
 
+from pdray.config import (DEFENSES, EPS_ATTACK, EPS_DEFEND, PAPER_ATTACKS, Arch, Attack,
+                          ClassifierConfig, Dataset, EvalConfig, Method, PixelCNNConfig, Recipe,
+                          RunOptions, Scaling, choices, defaults)
 from pdray.errors import PdrayError, parse_choice
+
+EVAL = defaults(EvalConfig)
+RUN = defaults(RunOptions)
+CLASSIFIER = defaults(ClassifierConfig)
+PIXELCNN = defaults(PixelCNNConfig)
+SCALING = defaults(Scaling)
+PAPER_EPS_ATTACK = "; ".join(f"{d.value} {','.join(map(str, e))}" for d, e in EPS_ATTACK.items())
+PAPER_EPS_DEFEND = ", ".join(f"{d.value} {e}" for d, e in EPS_DEFEND.items())
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="PixelDefend on Ray: attacks, PixelCNN density, purification, evaluation.")
@@ -38,7 +53,7 @@ def emit(obj, as_json: bool) -> None:
 
 
 @data_app.command("info")
-def data_info(dataset: str = typer.Option(..., "--dataset", help="fmnist or cifar10"),
+def data_info(dataset: str = typer.Option(..., "--dataset", help=choices(Dataset)),
               data_dir: Optional[Path] = DataDir,
               as_json: bool = typer.Option(False, "--json")):
     """Counts, shape, classes and where the data was found."""
@@ -60,9 +75,10 @@ def models_evaluate(name: str, n_images: int = typer.Option(1000, "--n-images"),
                     data_dir: Optional[Path] = DataDir,
                     as_json: bool = typer.Option(False, "--json")):
     """Recompute a shipped model's metric on the first N test images."""
-    from pdray import evaluate
+    from pdray import zoo
+    from pdray.cluster import torch_device
 
-    emit(evaluate.model_metric(name, n_images, data_dir), as_json)
+    emit(zoo.metric(name, n_images, data_dir, torch_device()), as_json)
 
 
 @models_app.command("likelihoods")
@@ -76,7 +92,7 @@ def models_likelihoods(name: str, data_dir: Optional[Path] = DataDir):
 
 @app.command("detect")
 def detect_cmd(dataset: str = typer.Option(..., "--dataset"),
-               attack: str = typer.Option(..., "--attack", help="rand, fgsm, bim, deepfool or cw"),
+               attack: str = typer.Option(..., "--attack", help=choices(Attack)),
                eps_attack: int = typer.Option(8, "--eps-attack"),
                n_images: int = typer.Option(500, "--n-images"),
                data_dir: Optional[Path] = DataDir,
@@ -92,31 +108,38 @@ def purify_cmd(input: Path = typer.Option(..., "--input", help="uint8 NHWC .npy 
                output: Path = typer.Option(..., "--output", help="where to write the result"),
                model: Optional[str] = typer.Option(
                    None, "--model", help="Shipped PixelCNN (default: by channel count)."),
-               eps_defend: int = typer.Option(16, "--eps-defend"),
+               eps_defend: Optional[int] = typer.Option(
+                   None, "--eps-defend",
+                   help=f"Default: the paper's for the model's dataset ({PAPER_EPS_DEFEND})."),
                adaptive: bool = typer.Option(False, "--adaptive",
                                              help="Skip images below the model's bpd threshold."),
-               batch_size: int = typer.Option(64, "--batch-size"),
-               method: str = typer.Option("fast", "--method", help="fast or reference")):
+               batch_size: int = typer.Option(EVAL["purify_batch"], "--batch-size"),
+               method: str = typer.Option(Method.FAST.value, "--method", help=choices(Method))):
     """Purify your own images with PixelDefend (Algorithm 1)."""
     import numpy as np
     from rich.progress import Progress
 
     from pdray import purify, zoo
     from pdray.cluster import torch_device
-    from pdray.evaluate import bits_per_dim
+    from pdray.config import eps_defend_for, pixelcnn_name
+    from pdray.data import SHAPE
     from pdray.files import check_writable, save_npy
+    from pdray.pixelcnn import bits_per_dim
+    from pdray.pixels import check_images
 
     check_writable(output)  # before the purification, which may take hours
     try:
         images = np.load(input, allow_pickle=False)
     except (OSError, ValueError) as e:
         raise PdrayError(f"Cannot read {input} as a .npy array ({e}).") from None
-    purify.check_images(images)
-    purify.eps_per_image(eps_defend, 1)
-    method = parse_choice(purify.Method, method, "method")
-    name = model or {1: "fmnist-pixelcnn", 3: "cifar10-pixelcnn"}.get(images.shape[-1])
+    check_images(images)
+    if eps_defend is not None:
+        purify.eps_per_image(eps_defend, 1)
+    method = parse_choice(Method, method, "method")
+    name = model or {SHAPE[ds][2]: pixelcnn_name(ds) for ds in Dataset}.get(images.shape[-1])
     if name is None:
         raise PdrayError(f"No shipped PixelCNN takes {images.shape[-1]}-channel images.")
+    eps_defend = eps_defend_for(zoo.entry(name)["dataset"], eps_defend)
     pixelcnn, _ = zoo.load(name, torch_device())
     eps = eps_defend
     if adaptive:
@@ -138,8 +161,9 @@ def purify_cmd(input: Path = typer.Option(..., "--input", help="uint8 NHWC .npy 
 @bench_app.command("purify")
 def bench_purify(dataset: str = typer.Option(..., "--dataset"),
                  n_images: int = typer.Option(64, "--n-images"),
-                 batch_size: int = typer.Option(64, "--batch-size"),
-                 eps_defend: int = typer.Option(16, "--eps-defend"),
+                 batch_size: int = typer.Option(EVAL["purify_batch"], "--batch-size"),
+                 eps_defend: Optional[int] = typer.Option(
+                     None, "--eps-defend", help=f"Default: the paper's ({PAPER_EPS_DEFEND})."),
                  reference_steps: int = typer.Option(32, "--reference-steps"),
                  agreement_images: int = typer.Option(2, "--agreement-images"),
                  data_dir: Optional[Path] = DataDir,
@@ -196,54 +220,63 @@ def _list(value: Optional[str], cast=str):
 
 
 @app.command("eval")
-def eval_cmd(dataset: str = typer.Option("fmnist", "--dataset"),
+def eval_cmd(dataset: str = typer.Option(EVAL["dataset"], "--dataset", help=choices(Dataset)),
              data_dir: Optional[Path] = DataDir,
-             n_images: int = typer.Option(64, "--n-images"),
-             shards: int = typer.Option(4, "--shards"),
+             n_images: int = typer.Option(EVAL["n_images"], "--n-images"),
+             shards: int = typer.Option(EVAL["shards"], "--shards"),
              attacks: str = typer.Option(
-                 "rand,fgsm,bim,deepfool,cw", "--attacks",
-                 help="Comma list of rand, fgsm, bim, deepfool, cw and bpda (BPDA through "
-                      "PixelDefend, not in the paper's table)."),
+                 ",".join(EVAL["attacks"]), "--attacks",
+                 help=f"Comma list of {', '.join(PAPER_ATTACKS)} and {Attack.BPDA.value} "
+                      f"(BPDA through PixelDefend, not in the paper's table)."),
              eps_attack: Optional[str] = typer.Option(
-                 None, "--eps-attack", help="Comma list; default: the paper's for the dataset."),
-             eps_defend: Optional[int] = typer.Option(None, "--eps-defend"),
+                 None, "--eps-attack", help=f"Comma list; default: the paper's ({PAPER_EPS_ATTACK})."),
+             eps_defend: Optional[int] = typer.Option(
+                 None, "--eps-defend", help=f"Default: the paper's ({PAPER_EPS_DEFEND})."),
              classifiers: Optional[str] = typer.Option(
                  None, "--classifiers", help="Shipped classifier names; default: the normal ResNet."),
              pixelcnn: Optional[str] = typer.Option(None, "--pixelcnn"),
-             defenses: str = typer.Option("none,squeeze,pixeldefend,adaptive", "--defenses"),
+             defenses: str = typer.Option(",".join(EVAL["defenses"]), "--defenses",
+                                          help=f"Comma list of {', '.join(DEFENSES)}."),
              adaptive_threshold: Optional[float] = typer.Option(None, "--adaptive-threshold"),
-             seed: int = typer.Option(0, "--seed"),
-             save_images: int = typer.Option(8, "--save-images"),
-             cw_steps: int = typer.Option(50, "--cw-steps"),
+             seed: int = typer.Option(EVAL["seed"], "--seed"),
+             save_images: int = typer.Option(EVAL["save_images"], "--save-images"),
+             cw_steps: int = typer.Option(EVAL["cw_steps"], "--cw-steps"),
+             cw_binary_search_steps: int = typer.Option(EVAL["cw_binary_search_steps"],
+                                                        "--cw-binary-search-steps"),
+             deepfool_steps: int = typer.Option(EVAL["deepfool_steps"], "--deepfool-steps"),
              bpda_steps: Optional[int] = typer.Option(
                  None, "--bpda-steps", help="BPDA iterations; default: BIM's step count."),
-             out: Path = typer.Option(Path("out"), "--out"),
+             purify_batch: int = typer.Option(EVAL["purify_batch"], "--purify-batch",
+                                              help="Images per purifier batch."),
+             out: Path = typer.Option(Path(RUN["out"]), "--out"),
              shard: Optional[int] = typer.Option(None, "--shard", help="Rerun only this shard."),
              resume: bool = typer.Option(False, "--resume", help="Skip completed shards."),
-             num_attackers: int = typer.Option(1, "--num-attackers"),
+             num_attackers: int = typer.Option(RUN["num_attackers"], "--num-attackers"),
              num_purifiers: Optional[int] = typer.Option(None, "--num-purifiers"),
              attacker_cpus: float = typer.Option(
-                 1.0, "--attacker-cpus", help="CPUs Ray reserves per attacker actor."),
+                 RUN["attacker_cpus"], "--attacker-cpus",
+                 help="CPUs Ray reserves per attacker actor."),
              purifier_cpus: float = typer.Option(
-                 1.0, "--purifier-cpus",
+                 RUN["purifier_cpus"], "--purifier-cpus",
                  help="CPUs Ray reserves per purifier actor. Attacks dominate a CPU-only run: "
                       "--num-attackers 2 --purifier-cpus 0 keeps both cores of a laptop busy."),
-             gpus: str = typer.Option("auto", "--gpus",
+             gpus: str = typer.Option(RUN["gpus"], "--gpus",
                                       help="auto: one GPU per purifier if the cluster has GPUs; 0: CPU."),
              report: bool = typer.Option(True, "--report/--no-report")):
     """The full evaluation on Ray: attacks, detection, defenses, Parquet per shard."""
     from pdray import pipeline
 
-    cfg = pipeline.EvalConfig(
+    cfg = EvalConfig(
         dataset=dataset, n_images=n_images, shards=shards, attacks=_list(attacks),
         eps_attack=_list(eps_attack, float), eps_defend=eps_defend,
         classifiers=_list(classifiers), pixelcnn=pixelcnn, defenses=_list(defenses),
         adaptive_threshold=adaptive_threshold, seed=seed, save_images=save_images,
-        cw_steps=cw_steps, bpda_steps=bpda_steps)
-    opts = pipeline.RunOptions(out=str(out), data_dir=str(data_dir) if data_dir else None,
-                               shard=shard, resume=resume, num_attackers=num_attackers,
-                               num_purifiers=num_purifiers, attacker_cpus=attacker_cpus,
-                               purifier_cpus=purifier_cpus, gpus=gpus, report=report)
+        cw_steps=cw_steps, cw_binary_search_steps=cw_binary_search_steps,
+        deepfool_steps=deepfool_steps, bpda_steps=bpda_steps, purify_batch=purify_batch)
+    opts = RunOptions(out=str(out), data_dir=str(data_dir) if data_dir else None,
+                      shard=shard, resume=resume, num_attackers=num_attackers,
+                      num_purifiers=num_purifiers, attacker_cpus=attacker_cpus,
+                      purifier_cpus=purifier_cpus, gpus=gpus)
     out = pipeline.run(cfg, opts)
     if report:
         report_cmd(out)
@@ -259,7 +292,7 @@ def report_cmd(out: Path = typer.Argument(..., help="A results folder from `pdra
 
 
 @bench_app.command("pipeline")
-def bench_pipeline(dataset: str = typer.Option("fmnist", "--dataset"),
+def bench_pipeline(dataset: str = typer.Option(EVAL["dataset"], "--dataset"),
                    n_images: int = typer.Option(512, "--n-images"),
                    shards: int = typer.Option(16, "--shards"),
                    attacks: str = typer.Option("fgsm", "--attacks", help="Comma-separated."),
@@ -275,82 +308,86 @@ def bench_pipeline(dataset: str = typer.Option("fmnist", "--dataset"),
 
 @train_app.command("classifier")
 def train_classifier(
-        dataset: str = typer.Option("fmnist", "--dataset"),
-        arch: str = typer.Option("resnet", "--arch", help="resnet or vgg"),
-        recipe: str = typer.Option("normal", "--recipe",
-                                   help="normal, adv-fgsm, adv-bim or label-smoothing"),
-        epochs: int = typer.Option(10, "--epochs"),
-        batch_size: int = typer.Option(128, "--batch-size"),
-        lr: float = typer.Option(0.1, "--lr"),
-        max_steps: int = typer.Option(0, "--max-steps", help="Stop after N steps (smoke runs)."),
-        eval_images: int = typer.Option(10000, "--eval-images"),
+        dataset: str = typer.Option(CLASSIFIER["dataset"], "--dataset", help=choices(Dataset)),
+        arch: str = typer.Option(CLASSIFIER["arch"], "--arch", help=choices(Arch)),
+        recipe: str = typer.Option(CLASSIFIER["recipe"], "--recipe", help=choices(Recipe)),
+        epochs: int = typer.Option(CLASSIFIER["epochs"], "--epochs"),
+        batch_size: int = typer.Option(CLASSIFIER["batch_size"], "--batch-size"),
+        lr: float = typer.Option(CLASSIFIER["lr"], "--lr"),
+        max_steps: int = typer.Option(CLASSIFIER["max_steps"], "--max-steps",
+                                      help="Stop after N steps (smoke runs)."),
+        eval_images: int = typer.Option(CLASSIFIER["eval_images"], "--eval-images"),
         data_dir: Optional[Path] = DataDir,
         resume_from: Optional[Path] = typer.Option(None, "--resume-from",
                                                    help="A training-state file to start from."),
-        workers: int = typer.Option(1, "--workers", help="Ray Train data-parallel workers."),
-        cpus_per_worker: int = typer.Option(2, "--cpus-per-worker"),
-        gpu: bool = typer.Option(False, "--gpu", help="One GPU per worker."),
-        runs_dir: Path = typer.Option(Path("runs"), "--runs-dir"),
+        workers: int = typer.Option(SCALING["num_workers"], "--workers",
+                                    help="Ray Train data-parallel workers."),
+        cpus_per_worker: int = typer.Option(SCALING["cpus_per_worker"], "--cpus-per-worker"),
+        gpu: bool = typer.Option(SCALING["use_gpu"], "--gpu", help="One GPU per worker."),
+        runs_dir: Path = typer.Option(Path(SCALING["runs_dir"]), "--runs-dir"),
         ship: bool = typer.Option(False, "--ship", help="Export into the package's weights."),
         as_json: bool = typer.Option(False, "--json")):
     """Train a Table 1 classifier; rerunning the same command resumes it."""
     from pdray import train
 
-    cfg = train.ClassifierConfig(dataset=dataset, arch=arch, recipe=recipe, epochs=epochs,
-                                 batch_size=batch_size, lr=lr, max_steps=max_steps,
-                                 eval_images=eval_images,
-                                 data_dir=str(data_dir) if data_dir else None,
-                                 resume_from=str(resume_from) if resume_from else None)
-    scaling = train.Scaling(num_workers=workers, use_gpu=gpu, cpus_per_worker=cpus_per_worker,
-                            runs_dir=str(runs_dir))
+    cfg = ClassifierConfig(dataset=dataset, arch=arch, recipe=recipe, epochs=epochs,
+                           batch_size=batch_size, lr=lr, max_steps=max_steps,
+                           eval_images=eval_images, data_dir=str(data_dir) if data_dir else None,
+                           resume_from=str(resume_from) if resume_from else None)
+    scaling = Scaling(num_workers=workers, use_gpu=gpu, cpus_per_worker=cpus_per_worker,
+                      runs_dir=str(runs_dir))
     emit(train.train_classifier(cfg, scaling, ship=ship), as_json)
 
 
 @train_app.command("pixelcnn")
 def train_pixelcnn(
-        dataset: str = typer.Option("fmnist", "--dataset"),
-        filters: int = typer.Option(64, "--filters"),
-        blocks: int = typer.Option(6, "--blocks"),
-        dropout: float = typer.Option(0.0, "--dropout"),
-        logistic: bool = typer.Option(True, "--logistic/--no-logistic",
+        dataset: str = typer.Option(PIXELCNN["dataset"], "--dataset", help=choices(Dataset)),
+        filters: int = typer.Option(PIXELCNN["filters"], "--filters"),
+        blocks: int = typer.Option(PIXELCNN["blocks"], "--blocks"),
+        dropout: float = typer.Option(PIXELCNN["dropout"], "--dropout"),
+        logistic: bool = typer.Option(PIXELCNN["logistic"], "--logistic/--no-logistic",
                                       help="Add the head's logistic logit term (learns far faster)."),
-        head: str = typer.Option("free", "--head",
+        head: str = typer.Option(PIXELCNN["head"], "--head",
                                  help="free: 256 free logits per channel; mixture: PixelCNN++'s "
                                       "discretized mixture of logistics, binned to 256."),
-        mixtures: int = typer.Option(10, "--mixtures", min=1, help="Logistics in the mixture head."),
-        compile: bool = typer.Option(True, "--compile/--no-compile",
+        mixtures: int = typer.Option(PIXELCNN["mixtures"], "--mixtures", min=1,
+                                     help="Logistics in the mixture head."),
+        compile: bool = typer.Option(PIXELCNN["compile"], "--compile/--no-compile",
                                      help="torch.compile the training forward."),
-        steps: int = typer.Option(6000, "--steps", help="Total steps; raise and rerun to go on."),
-        batch_size: int = typer.Option(64, "--batch-size"),
-        lr: float = typer.Option(1e-3, "--lr"),
-        grad_clip: float = typer.Option(10.0, "--grad-clip", help="Max gradient norm; 0: off."),
-        report_every: int = typer.Option(300, "--report-every"),
-        eval_images: int = typer.Option(1000, "--eval-images"),
-        jpeg_quality: int = typer.Option(0, "--jpeg-quality", min=0, max=100,
+        steps: int = typer.Option(PIXELCNN["steps"], "--steps",
+                                  help="Total steps; raise and rerun to go on."),
+        batch_size: int = typer.Option(PIXELCNN["batch_size"], "--batch-size"),
+        lr: float = typer.Option(PIXELCNN["lr"], "--lr"),
+        grad_clip: float = typer.Option(PIXELCNN["grad_clip"], "--grad-clip",
+                                        help="Max gradient norm; 0: off."),
+        report_every: int = typer.Option(PIXELCNN["report_every"], "--report-every"),
+        eval_images: int = typer.Option(PIXELCNN["eval_images"], "--eval-images"),
+        jpeg_quality: int = typer.Option(PIXELCNN["jpeg_quality"], "--jpeg-quality", min=0, max=100,
                                          help="Train and score on JPEG copies at this quality "
                                               "(the data control of pdray.ablation); 0: off."),
-        noise: float = typer.Option(0.0, "--noise", min=0.0, max=64.0,
+        noise: float = typer.Option(PIXELCNN["noise"], "--noise", min=0.0, max=64.0,
                                     help="Gaussian noise of this std (levels) on every training "
                                          "batch; test bits/dim stay on clean images. 0: off."),
         data_dir: Optional[Path] = DataDir,
         resume_from: Optional[Path] = typer.Option(None, "--resume-from"),
-        workers: int = typer.Option(1, "--workers"),
-        cpus_per_worker: int = typer.Option(2, "--cpus-per-worker"),
-        gpu: bool = typer.Option(False, "--gpu"),
-        runs_dir: Path = typer.Option(Path("runs"), "--runs-dir"),
+        workers: int = typer.Option(SCALING["num_workers"], "--workers"),
+        cpus_per_worker: int = typer.Option(SCALING["cpus_per_worker"], "--cpus-per-worker"),
+        gpu: bool = typer.Option(SCALING["use_gpu"], "--gpu"),
+        runs_dir: Path = typer.Option(Path(SCALING["runs_dir"]), "--runs-dir"),
         ship: bool = typer.Option(False, "--ship"),
         as_json: bool = typer.Option(False, "--json")):
     """Train the PixelCNN density model; rerunning the same command resumes it."""
     from pdray import train
 
-    cfg = train.PixelCNNConfig(dataset=dataset, filters=filters, blocks=blocks, dropout=dropout,
-                               logistic=logistic, head=head, mixtures=mixtures, compile=compile,
-                               steps=steps, batch_size=batch_size, lr=lr, grad_clip=grad_clip,
-                               report_every=report_every, eval_images=eval_images,
-                               jpeg_quality=jpeg_quality, noise=noise,
-                               data_dir=str(data_dir) if data_dir else None, resume_from=str(resume_from) if resume_from else None)
-    scaling = train.Scaling(num_workers=workers, use_gpu=gpu, cpus_per_worker=cpus_per_worker,
-                            runs_dir=str(runs_dir))
+    cfg = PixelCNNConfig(dataset=dataset, filters=filters, blocks=blocks, dropout=dropout,
+                         logistic=logistic, head=head, mixtures=mixtures, compile=compile,
+                         steps=steps, batch_size=batch_size, lr=lr, grad_clip=grad_clip,
+                         report_every=report_every, eval_images=eval_images,
+                         jpeg_quality=jpeg_quality, noise=noise,
+                         data_dir=str(data_dir) if data_dir else None,
+                         resume_from=str(resume_from) if resume_from else None)
+    scaling = Scaling(num_workers=workers, use_gpu=gpu, cpus_per_worker=cpus_per_worker,
+                      runs_dir=str(runs_dir))
     emit(train.train_pixelcnn(cfg, scaling, ship=ship), as_json)
 
 

@@ -1,11 +1,17 @@
-"""Connecting to Ray and choosing devices: the few facts every Ray entry point needs."""
+"""Connecting to Ray and choosing devices: the few facts every Ray entry point needs, and
+what a run records about where it ran. Ray is imported only where it is used: the modules
+that need a device alone do not pay for it."""
 
 from __future__ import annotations
 
 import os
+import platform
+from importlib import metadata
+from pathlib import Path
 
 import torch
 
+import pdray
 from pdray.errors import PdrayError
 
 # Ray's default object store takes 30% of RAM; pdray's batches are small images.
@@ -43,3 +49,36 @@ def require_gpus(n: int) -> None:
 def torch_device() -> torch.device:
     """The device torch can use here; Ray's GPU bookkeeping alone does not make CUDA real."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def placement() -> str:
+    """Where this process runs, for the rows it makes: "node <id> gpu <ids>", or "local"
+    outside Ray."""
+    import ray
+
+    if not ray.is_initialized():
+        return "local"
+    node = ray.get_runtime_context().get_node_id()[:12]
+    return f"node {node} gpu {','.join(map(str, ray.get_gpu_ids())) or '-'}"
+
+
+def versions() -> dict:
+    """Library versions and this machine's CPU: the same code on another CPU family runs
+    other float kernels, which changes CW's and DeepFool's images (see README,
+    Reproducibility)."""
+    return {"python": platform.python_version(), "pdray": pdray.__version__,
+            "torch": torch.__version__,
+            **{name: metadata.version(name) for name in ("ray", "foolbox", "eagerpy", "numpy",
+                                                         "pandas")},
+            "cpu": f"{_cpu_model()} ({platform.machine()}, torch kernels "
+                   f"{torch.backends.cpu.get_cpu_capability()})"}
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"

@@ -25,17 +25,12 @@ import tarfile
 import tempfile
 import urllib.request
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 
 import numpy as np
 
-from pdray.errors import PdrayError, parse_choice
-
-
-class Dataset(str, Enum):
-    FMNIST = "fmnist"
-    CIFAR10 = "cifar10"
+from pdray.config import Dataset, parse_dataset
+from pdray.errors import PdrayError
 
 
 CLASSES = {
@@ -151,10 +146,6 @@ class Data:
 def cache_dir() -> Path:
     root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(root) / "pdray"
-
-
-def parse_dataset(name: str | Dataset) -> Dataset:
-    return parse_choice(Dataset, name, "dataset")
 
 
 def load(dataset: str | Dataset, data_dir: str | Path | None = None) -> Data:

@@ -1,10 +1,8 @@
 """Claim 1: adversarial images lie in low-likelihood regions of the PixelCNN.
 
-The p-value of an image X' (Equation 1 of the reproduction report) ranks its likelihood
-among the N training images: p = (#{i: p_CNN(X_i) <= p_CNN(X')} + 1) / (N + 1). The N
-training log-likelihoods are computed once per checkpoint and shipped beside it. Detection
-(the paper's Figure 2) scores images by -log p_CNN, clean training images negative and
-perturbed images positive.
+The N training log-likelihoods that p-values rank against (pdray.pvalues) are computed
+once per checkpoint and shipped beside it. Detection (the paper's Figure 2) scores images
+by -log p_CNN, clean training images negative and perturbed images positive.
 """
 
 from __future__ import annotations
@@ -13,19 +11,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy import stats
 
 from pdray import attacks, data, zoo
 from pdray.cluster import torch_device
+from pdray.config import check_eps, classifier_name, parse_attack, parse_dataset, pixelcnn_name
 from pdray.errors import PdrayError
-from pdray.evaluate import bits_per_dim
 from pdray.files import save_npy, sha256
+from pdray.pixelcnn import bits_per_dim, log_prob_from_bpd
+from pdray.pvalues import ks_uniform, pvalues, roc
 
 
 def log_likelihoods(model, images: np.ndarray, batch_size: int = 100) -> np.ndarray:
     """log p_CNN(X) in nats, per uint8 NHWC image."""
-    d = int(np.prod(images.shape[1:]))
-    return -bits_per_dim(model, images, batch_size) * d * np.log(2)
+    return log_prob_from_bpd(bits_per_dim(model, images, batch_size),
+                             int(np.prod(images.shape[1:])))
 
 
 def train_logp_path(name: str) -> Path:
@@ -57,45 +56,18 @@ def train_log_likelihoods(name: str) -> np.ndarray:
     return np.load(path, allow_pickle=False)
 
 
-def pvalues(logp: np.ndarray, train_logp: np.ndarray) -> np.ndarray:
-    """Equation 1: the share of training images no more likely than each image."""
-    ranked = np.sort(train_logp)
-    at_most = np.searchsorted(ranked, logp, side="right")
-    return (at_most + 1) / (len(ranked) + 1)
-
-
-def roc(negative_scores: np.ndarray, positive_scores: np.ndarray):
-    """ROC curve (fpr, tpr) and AUC for 'positive has the higher score'; ties count half."""
-    scores = np.concatenate([negative_scores, positive_scores])
-    labels = np.concatenate([np.zeros(len(negative_scores)), np.ones(len(positive_scores))])
-    order = np.argsort(-scores, kind="stable")
-    s, y = scores[order], labels[order]
-    last_of_tie = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1]
-    tpr = np.r_[0, np.cumsum(y)[last_of_tie] / max(1, y.sum())]
-    fpr = np.r_[0, np.cumsum(1 - y)[last_of_tie] / max(1, (1 - y).sum())]
-    ranks = stats.rankdata(scores)
-    n_pos, n_neg = len(positive_scores), len(negative_scores)
-    auc = (ranks[len(negative_scores):].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
-    return fpr, tpr, float(auc)
-
-
-def ks_uniform(p: np.ndarray) -> float:
-    """Kolmogorov-Smirnov p-value of the hypothesis that ``p`` is Uniform(0, 1)."""
-    return float(stats.kstest(p, "uniform").pvalue)
-
-
 def detect(dataset: str, attack: str, eps_attack: int, n_images: int, data_dir=None,
            classifier: str | None = None, pixelcnn: str | None = None) -> dict:
     """Attack the first n test images of the shipped normal ResNet and measure how well
     the PixelCNN tells them from clean training images."""
-    ds = data.parse_dataset(dataset)
-    attack = attacks.parse_attack(attack)
-    eps_attack = attacks.check_eps(eps_attack)
+    ds = parse_dataset(dataset)
+    attack = parse_attack(attack)
+    eps_attack = check_eps(eps_attack)
     d = data.load(ds, data_dir)
     if not 1 <= n_images <= len(d.test.labels):
         raise PdrayError(f"--n-images must be between 1 and {len(d.test.labels)}; got {n_images}.")
-    classifier = classifier or f"{ds.value}-resnet-normal"
-    pixelcnn = pixelcnn or f"{ds.value}-pixelcnn"
+    classifier = classifier or classifier_name(ds)
+    pixelcnn = pixelcnn or pixelcnn_name(ds)
     device = torch_device()
     clf, _ = zoo.load(classifier, device)
     density, _ = zoo.load(pixelcnn, device)

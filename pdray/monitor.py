@@ -1,4 +1,5 @@
-"""Peak memory of a process and everything it started, for the memory budgets in the README.
+"""Peak memory, for the memory budgets in the README: of this process alone, or of a
+process and everything it started.
 
 A local Ray cluster is the driver's process tree (GCS, raylet, workers, actors), so summing
 over the tree measures all of it. Proportional set size (PSS) splits shared pages between
@@ -7,6 +8,7 @@ the processes that map them, so shared libraries and the object store count once
 
 from __future__ import annotations
 
+import resource
 import threading
 
 import psutil
@@ -53,3 +55,8 @@ class PeakMemory:
     @property
     def peak_mb(self) -> float:
         return round(self.peak / 2**20, 1)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size so far (not its children's), in MB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

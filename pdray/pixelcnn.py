@@ -35,9 +35,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from pdray.config import Head
+from pdray.pixels import to_nchw
 
 
 @dataclass
@@ -47,7 +51,7 @@ class Config:
     blocks: int = 6          # gated residual blocks per stream; receptive field ~2 rows each
     dropout: float = 0.0     # inside each gated block, as in PixelCNN++ (which used 0.5)
     logistic: bool = False   # the free head's logistic logit term; False for weights trained before it
-    head: str = "free"       # "free" (ChannelHead) or "mixture" (MixtureHead)
+    head: str = Head.FREE.value  # "free" (ChannelHead) or "mixture" (MixtureHead)
     mixtures: int = 10       # logistics in the mixture head (PixelCNN++: 10)
 
 
@@ -213,16 +217,15 @@ class MixtureHead(nn.Module):
         return torch.stack(out, dim=1)
 
 
-HEADS = ("free", "mixture")
+def bpd_from_log_prob(logp, dims: int):
+    """Bits per dimension of an image of ``dims`` sub-pixels whose log-likelihood is
+    ``logp`` nats (a tensor, an array or a number)."""
+    return -logp / (dims * math.log(2))
 
 
-def log_prob(logits, x):  # logits (B, C, H, W, 256), x (B, C, H, W) -> (B,) nats
-    logp = F.log_softmax(logits, dim=-1)
-    return logp.gather(-1, x.long().unsqueeze(-1)).squeeze(-1).flatten(1).sum(1)
-
-
-def bpd(logits, x):  # -> (B,) bits per dimension
-    return -log_prob(logits, x) / (x[0].numel() * math.log(2))
+def log_prob_from_bpd(bpd, dims: int):
+    """The inverse of ``bpd_from_log_prob``: nats from bits per dimension."""
+    return -bpd * dims * math.log(2)
 
 
 class PixelCNN(nn.Module):
@@ -237,9 +240,7 @@ class PixelCNN(nn.Module):
             GatedResnet(f, DownShiftedConv2d, False, config.dropout) for _ in range(config.blocks))
         self.ul_blocks = nn.ModuleList(
             GatedResnet(f, DownRightShiftedConv2d, True, config.dropout) for _ in range(config.blocks))
-        if config.head not in HEADS:
-            raise ValueError(f"unknown head {config.head!r}; choose one of {', '.join(HEADS)}")
-        self.head = (MixtureHead(f, c, config.mixtures) if config.head == "mixture"
+        self.head = (MixtureHead(f, c, config.mixtures) if Head(config.head) is Head.MIXTURE
                      else ChannelHead(f, c, config.logistic))
 
     @staticmethod
@@ -267,10 +268,23 @@ class PixelCNN(nn.Module):
         return self.head.log_prob(h, x).flatten(1).sum(1)
 
     def bpd(self, x):  # (B, C, H, W) -> (B,) bits per dimension
-        return -self.log_prob(x) / (x[0].numel() * math.log(2))
+        return bpd_from_log_prob(self.log_prob(x), x[0].numel())
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def decoder(self, batch: int, width: int, device=None) -> "Decoder":
+        """Exact incremental decoding of ``batch`` images ``width`` pixels wide (below)."""
+        return Decoder(self, batch, width, device)
+
+
+@torch.inference_mode()
+def bits_per_dim(model: PixelCNN, images: np.ndarray, batch_size: int = 100) -> np.ndarray:
+    """Bits/dim of each uint8 NHWC image, in float64."""
+    device = next(model.parameters()).device
+    out = [model.bpd(to_nchw(images[i:i + batch_size], device)).double().cpu().numpy()
+           for i in range(0, len(images), batch_size)]
+    return np.concatenate(out) if out else np.zeros(0)
 
 
 # ---- exact incremental decoding ------------------------------------------------------------
@@ -330,7 +344,8 @@ class Decoder:
     the ``ul`` stream one pixel at a time from cached inputs.
 
     Per row: ``next_row()``; then per pixel j: ``features(j)`` (which sees only the pixels
-    fed so far), decide the pixel's values, ``feed(j, values)``.
+    fed so far), ``channel(h, c, decided)`` for each channel c in turn to decide the
+    pixel's values, ``feed(j, values)``.
     """
 
     @torch.no_grad()
@@ -392,6 +407,12 @@ class Decoder:
             ga, gb = cache2.step(j, c1).chunk(2, dim=1)
             ul = ul + ga * torch.sigmoid(gb)
         return F.elu(ul)
+
+    @torch.no_grad()
+    def channel(self, h: torch.Tensor, c: int, previous: list) -> torch.Tensor:
+        """The 256 logits (B, 256) of channel c at the position of ``h``, given the decided
+        values (B,) of channels 0..c-1 there."""
+        return self.model.head.channel(h, c, previous)
 
     @torch.no_grad()
     def feed(self, j: int, values: torch.Tensor) -> None:

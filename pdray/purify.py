@@ -19,22 +19,17 @@ the purified image comes with it, without another forward pass.
 
 from __future__ import annotations
 
-from enum import Enum
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from pdray.config import Defense, Method
 from pdray.errors import PdrayError, parse_choice
-from pdray.evaluate import bits_per_dim
-from pdray.pixelcnn import Decoder, PixelCNN
-
-
-class Method(str, Enum):
-    FAST = "fast"
-    REFERENCE = "reference"
+from pdray.pixelcnn import PixelCNN, bits_per_dim, bpd_from_log_prob
+from pdray.pixels import check_images, to_nchw, to_nhwc
 
 
 def feature_squeeze(images: np.ndarray, levels: int = 32) -> np.ndarray:
@@ -59,14 +54,13 @@ def _bounds(x: torch.Tensor, eps: torch.Tensor):
     return (x - e).clamp(min=0), (x + e).clamp(max=255)
 
 
-def _masked_argmax(logits, lo, hi):  # logits (B, 256); lo, hi (B,)
+def _decide(logits, lo, hi):
+    """Algorithm 1's bounded argmax: logits (B, 256); lo, hi (B,) -> the most likely value
+    in [lo, hi] (B,) and its log-probability (B,) in nats."""
     z = torch.arange(256, device=logits.device)
     feasible = (z >= lo[:, None]) & (z <= hi[:, None])
-    return logits.masked_fill(~feasible, float("-inf")).argmax(-1)
-
-
-def _log_prob_of(logits, v):  # logits (B, 256), v (B,) -> (B,) log p(v) in nats
-    return F.log_softmax(logits.double(), -1).gather(-1, v[:, None])[:, 0]
+    v = logits.masked_fill(~feasible, float("-inf")).argmax(-1)
+    return v, F.log_softmax(logits.double(), -1).gather(-1, v[:, None])[:, 0]
 
 
 # ---- reference: Algorithm 1, one full forward pass per sub-pixel -----------------------------
@@ -84,8 +78,8 @@ def reference_batch(model: PixelCNN, x: torch.Tensor, eps: torch.Tensor,
     order = [(i, j, k) for i in range(h) for j in range(w) for k in range(c)]
     for i, j, k in order[:steps]:
         logits = model(xs)[:, k, i, j]  # Compute the 256-way softmax p_CNN(X*) (line 7)
-        xs[:, k, i, j] = v = _masked_argmax(logits, lo[:, k, i, j], hi[:, k, i, j])
-        logp += _log_prob_of(logits, v)
+        xs[:, k, i, j], logp_v = _decide(logits, lo[:, k, i, j], hi[:, k, i, j])
+        logp += logp_v
     return xs, logp
 
 
@@ -100,34 +94,22 @@ def fast_batch(model: PixelCNN, x: torch.Tensor,
     xs = x.clone()
     lo, hi = _bounds(x, eps)
     logp = torch.zeros(b, dtype=torch.float64, device=x.device)
-    decoder = Decoder(model, b, w, x.device)
+    decoder = model.decoder(b, w, x.device)
     for i in range(h):
         decoder.next_row()
         for j in range(w):
             hj = decoder.features(j)
             decided = []
             for k in range(c):
-                logits = model.head.channel(hj, k, decided)
-                v = _masked_argmax(logits, lo[:, k, i, j], hi[:, k, i, j])
+                v, logp_v = _decide(decoder.channel(hj, k, decided), lo[:, k, i, j], hi[:, k, i, j])
                 xs[:, k, i, j] = v
-                logp += _log_prob_of(logits, v)
+                logp += logp_v
                 decided.append(v)
             decoder.feed(j, xs[:, :, i, j])
     return xs, logp
 
 
 # ---- the public entry point ----------------------------------------------------------------
-
-def check_images(images: np.ndarray, channels: int | None = None) -> np.ndarray:
-    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4:
-        got = f"{images.dtype} array of shape {images.shape}" if isinstance(images, np.ndarray) \
-            else type(images).__name__
-        raise PdrayError(f"Images must be a uint8 array shaped (N, H, W, C); got {got}.")
-    if channels is not None and images.shape[-1] != channels:
-        raise PdrayError(f"The model expects {channels}-channel images; these have "
-                         f"{images.shape[-1]} channels (shape {images.shape}).")
-    return images
-
 
 def eps_per_image(eps_defend, n: int) -> np.ndarray:
     eps = np.broadcast_to(np.asarray(eps_defend), (n,))
@@ -152,15 +134,15 @@ def pixeldefend(model: PixelCNN, images: np.ndarray, eps_defend, *,
         stop = min(start + batch_size, len(images))
         todo = np.nonzero(eps[start:stop] > 0)[0] + start  # eps 0: nothing to decide
         if len(todo):
-            x = torch.from_numpy(images[todo].transpose(0, 3, 1, 2).copy()).long().to(device)
-            xs, logp_x = run(model, x, torch.from_numpy(eps[todo]).to(device))
-            out[todo] = xs.cpu().numpy().transpose(0, 2, 3, 1).astype(np.uint8)
+            xs, logp_x = run(model, to_nchw(images[todo], device),
+                             torch.from_numpy(eps[todo]).to(device))
+            out[todo] = to_nhwc(xs)
             logp[todo] = logp_x.cpu().numpy()
         if on_batch:
             on_batch(stop - start)
     if not return_bpd:
         return out
-    bpd = -logp / (np.prod(images.shape[1:]) * np.log(2))
+    bpd = bpd_from_log_prob(logp, np.prod(images.shape[1:]))
     untouched = eps == 0
     if untouched.any():
         bpd[untouched] = bits_per_dim(model, images[untouched])
@@ -171,3 +153,46 @@ def adaptive_eps(bpd: np.ndarray, threshold: float, eps_defend: int) -> np.ndarr
     """Adaptive PixelDefend (Section 4.1): leave images below the bits/dim threshold
     alone, purify the rest with the fixed eps_defend."""
     return np.where(np.asarray(bpd) < threshold, 0, eps_defend).astype(np.int64)
+
+
+# ---- the defenses of Table 1 ---------------------------------------------------------------
+
+class Defended(NamedTuple):
+    images: np.ndarray      # uint8 NHWC, what the classifier sees
+    bpd: np.ndarray         # their bits/dim
+    eps_defend: np.ndarray  # per image; 0 where the image was left as it is
+
+
+def defend(model: PixelCNN, images: np.ndarray, defenses, eps_defend: int, *,
+           threshold: float | None = None, bpd: np.ndarray | None = None,
+           batch_size: int = 64) -> dict[str, Defended]:
+    """Every defense of ``defenses`` (Defense values) applied to uint8 NHWC ``images``:
+    defense -> Defended. ``model`` purifies and scores; ``threshold`` is adaptive
+    PixelDefend's bits/dim threshold; ``bpd`` the inputs' bits/dim, if known. Each image is
+    purified once for PixelDefend and its adaptive variant together, and adaptive alone
+    purifies only the images at or above its threshold."""
+    defenses = [parse_choice(Defense, d, "defense") for d in defenses]
+    n = len(images)
+    bpd = bits_per_dim(model, images) if bpd is None else bpd
+    if Defense.ADAPTIVE in defenses and threshold is None:
+        raise PdrayError("Adaptive PixelDefend needs its bits/dim threshold.")
+    if {Defense.PIXELDEFEND, Defense.ADAPTIVE} & set(defenses):
+        eps = eps_defend if Defense.PIXELDEFEND in defenses else \
+            adaptive_eps(bpd, threshold, eps_defend)
+        purified, bpd_purified = pixeldefend(model, images, eps, batch_size=batch_size,
+                                             return_bpd=True)
+    out = {}
+    for d in defenses:
+        if d is Defense.NONE:
+            out[d.value] = Defended(images, bpd, np.zeros(n, int))
+        elif d is Defense.SQUEEZE:
+            squeezed = feature_squeeze(images)
+            out[d.value] = Defended(squeezed, bits_per_dim(model, squeezed), np.zeros(n, int))
+        elif d is Defense.PIXELDEFEND:
+            out[d.value] = Defended(purified, bpd_purified, np.full(n, eps_defend))
+        else:  # adaptive: images below the threshold keep eps_defend 0, i.e. stay as they are
+            eps = adaptive_eps(bpd, threshold, eps_defend)
+            keep = eps == 0
+            out[d.value] = Defended(np.where(keep[:, None, None, None], images, purified),
+                                    np.where(keep, bpd, bpd_purified), eps)
+    return out

@@ -4,38 +4,28 @@ sample images and report.md. Pandas and matplotlib only; no Ray.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from pdray import paper
-from pdray.errors import PdrayError
+from pdray.config import PAPER_ATTACKS, Attack, Dataset, Defense, Recipe
+from pdray.data import SHAPE
 from pdray.files import atomic_write
+from pdray.pvalues import roc_vs_training
+from pdray.results import load_results, read_history
 
-COLUMNS = ["clean", "rand", "fgsm", "bim", "deepfool", "cw"]
-BEYOND = ["bpda"]  # not the paper's: shown after STRONGEST and WORST CASE, left out of both
-DEFENSE_NAMES = {"none": "", "squeeze": "Feature Squeezing", "pixeldefend": "PixelDefend",
-                 "adaptive": "Adaptive PixelDefend"}
-RECIPE_NAMES = {"normal": "Normal", "adv-fgsm": "Adversarial FGSM", "adv-bim": "Adversarial BIM",
-                "label-smoothing": "Label Smoothing"}
-
-
-def load_results(out: Path) -> tuple[pd.DataFrame, dict]:
-    """Rows of every shard that has its completion marker, and the run's run.json."""
-    from pdray.pipeline import MARKER
-
-    out = Path(out)
-    try:
-        run = json.loads((out / "run.json").read_text())
-    except (OSError, ValueError):
-        raise PdrayError(f"{out} has no readable run.json: it is not a pdray results folder.") from None
-    parts = sorted(p for p in (out / "results").glob("shard=*/part-0.parquet")
-                   if (p.parent / MARKER).exists())
-    if not parts:
-        raise PdrayError(f"{out} has no completed shards yet; run the evaluation first.")
-    return pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True), run
+COLUMNS = ["clean", *PAPER_ATTACKS]
+# Not the paper's: shown after STRONGEST and WORST CASE, and left out of both.
+BEYOND = [Attack.BPDA.value]
+# Table 1's names, in its row order.
+DEFENSE_NAMES = {Defense.NONE.value: "", Defense.SQUEEZE.value: "Feature Squeezing",
+                 Defense.PIXELDEFEND.value: "PixelDefend",
+                 Defense.ADAPTIVE.value: "Adaptive PixelDefend"}
+RECIPE_NAMES = {Recipe.NORMAL.value: "Normal", Recipe.ADV_FGSM.value: "Adversarial FGSM",
+                Recipe.ADV_BIM.value: "Adversarial BIM",
+                Recipe.LABEL_SMOOTHING.value: "Label Smoothing"}
 
 
 def accuracy_long(df: pd.DataFrame) -> pd.DataFrame:
@@ -101,12 +91,10 @@ def _images(blob: bytes, shape) -> np.ndarray:
 
 
 def figures(df: pd.DataFrame, run: dict, folder: Path) -> dict:
-    import matplotlib
+    import matplotlib  # a second's start-up that only the figures need
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from pdray.data import SHAPE, Dataset
 
     shape = SHAPE[Dataset(run["config"]["dataset"])]
     first = run["config"]["classifiers"][0]
@@ -129,19 +117,15 @@ def figures(df: pd.DataFrame, run: dict, folder: Path) -> dict:
     plt.close(fig)
     saved["pvalues"] = "pvalues.png"
 
-    # Negatives are training images, whose Eq. 1 p-values are uniform by construction:
-    # the false-positive rate at p-value threshold t is the share of training images at or
-    # below it, i.e. ((N + 1) t - 1) / N.
+    # Negatives are training images, whose Eq. 1 p-values are uniform by construction.
     fig, ax = plt.subplots(figsize=(4.6, 4.2))
     aucs = {}
     for attack, eps in groups:
-        p = np.sort(inputs[(inputs.attack == attack) & (inputs.eps_attack == eps)].pvalue_input)
-        fpr = np.clip(((n_train + 1) * np.r_[0, p] - 1) / n_train, 0, 1)
-        tpr = np.arange(len(p) + 1) / len(p)
-        auc = float(1 - np.mean(np.clip(((n_train + 1) * p - 1) / n_train, 0, 1)))
+        p = inputs[(inputs.attack == attack) & (inputs.eps_attack == eps)].pvalue_input
+        fpr, tpr, auc = roc_vs_training(p.to_numpy(), n_train)
         label = attack if attack == "clean" else f"{attack} {eps}"
         aucs[label] = auc
-        ax.plot(np.r_[fpr, 1], np.r_[tpr, 1], label=f"{label} (AUC {auc:.2f})")
+        ax.plot(fpr, tpr, label=f"{label} (AUC {auc:.2f})")
     ax.plot([0, 1], [0, 1], "k:", lw=0.8)
     ax.set_xlabel("false positive rate (clean training images)")
     ax.set_ylabel("true positive rate")
@@ -177,8 +161,6 @@ def report(out: str | Path) -> str:
     """Write OUT/report/{table1.md, table1.csv, pvalues.png, roc.png, samples.png,
     report.md}, and table1_vs_paper.md where the paper has a Table 1 for the dataset;
     returns the Table 1 markdown."""
-    from pdray.pipeline import read_history
-
     out = Path(out)
     df, run = load_results(out)
     history = read_history(out)

@@ -1,5 +1,8 @@
 """Training on Ray Train: data-parallel TorchTrainer workers, CPU here, GPUs on a cluster.
 
+The steps themselves (the recipes, the PixelCNN's likelihood) are pdray.recipes; this is
+the shell around them: one worker loop per model, checkpoints, resume, export.
+
 A run lives in ``runs_dir/<name>/`` (Ray Train's storage). Starting the same run again
 resumes from its last checkpoint: Ray hands it back through ``ray.train.get_checkpoint``.
 ``resume_from`` names a training-state file to start from instead (one committed from an
@@ -8,78 +11,33 @@ earlier machine, say). Each epoch reports the test metric and a checkpoint.
 
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
+import ray.train
+import ray.train.torch
 import torch
-import torch.nn.functional as F
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
 
-from pdray import ablation, attacks, classifiers, data, pixelcnn, zoo
+from pdray import ablation, classifiers, data, detect, pixelcnn, recipes, zoo
+from pdray.classifiers import predict
+from pdray.cluster import init_ray, require_gpus
+from pdray.config import ClassifierConfig, PixelCNNConfig, Scaling
 from pdray.errors import PdrayError
-from pdray.evaluate import bits_per_dim, predict
-
-RECIPES = ("normal", "adv-fgsm", "adv-bim", "label-smoothing")
-
-
-@dataclass
-class ClassifierConfig:
-    dataset: str = "fmnist"
-    arch: str = "resnet"
-    recipe: str = "normal"
-    epochs: int = 10
-    batch_size: int = 128          # global; split across workers
-    lr: float = 0.1                # SGD + Nesterov, linear warm-up then cosine decay
-    weight_decay: float = 5e-4
-    smoothing: float = 0.1         # label-smoothing eps (Warde-Farley & Goodfellow)
-    adv_fraction: float = 0.5      # Kurakin et al.: replace this share of each batch
-    seed: int = 0
-    max_steps: int = 0             # > 0: stop after this many steps (tests, smoke runs)
-    eval_images: int = 10000       # test images scored after each epoch
-    data_dir: str | None = None
-    resume_from: str | None = None
-
-    @property
-    def name(self) -> str:
-        return f"{self.dataset}-{self.arch}-{self.recipe}"
-
-    def validate(self) -> "ClassifierConfig":
-        data.parse_dataset(self.dataset)
-        classifiers.parse_arch(self.arch)
-        if self.recipe not in RECIPES:
-            raise PdrayError(f"Unknown recipe {self.recipe!r}: choose one of {', '.join(RECIPES)}.")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise PdrayError("epochs and batch_size must be at least 1.")
-        return self
-
-
-@dataclass
-class Scaling:
-    num_workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: int = 2
-    runs_dir: str = "runs"
-    max_failures: int = 3           # a lost worker (a preempted node) restarts from the last checkpoint
+from pdray.pixelcnn import bits_per_dim
+from pdray.pixels import to_nchw
 
 
 # ---- shared by every training loop ---------------------------------------------------------
-
-def lr_at(step: int, total: int, base: float, warmup: int) -> float:
-    if step < warmup:
-        return base * (step + 1) / warmup
-    return 0.5 * base * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
 
 def start_state(resume_from: str | None, driver_cwd: str = ".") -> dict | None:
     """The training state to continue from: Ray's last checkpoint of this run, else the
     file named by resume_from (relative to the driver's folder: Ray Train workers run
     elsewhere), else None (a fresh start)."""
-    import ray.train
-
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
@@ -96,8 +54,6 @@ def load_data(dataset: str, data_dir: str | None, driver_cwd: str):
 
 def report(metrics: dict, state: dict) -> None:
     """Report an epoch's metrics; rank 0 attaches the checkpoint."""
-    import ray.train
-
     if ray.train.get_context().get_world_rank() != 0:
         ray.train.report(metrics)
         return
@@ -107,16 +63,9 @@ def report(metrics: dict, state: dict) -> None:
 
 
 def worker_batches(n: int, batch_size: int, seed: int, epoch: int):
-    """This worker's share of a seeded per-epoch permutation, in local batches."""
-    import ray.train
-
+    """This worker's share of the epoch's batches (``recipes.batches``)."""
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    perm = np.random.default_rng([seed, epoch]).permutation(n)
-    local = max(1, batch_size // world)
-    steps = n // batch_size
-    for s in range(steps):
-        yield s, perm[s * batch_size:(s + 1) * batch_size][rank * local:(rank + 1) * local]
+    return recipes.batches(n, batch_size, seed, epoch, ctx.get_world_rank(), ctx.get_world_size())
 
 
 def unwrap(model):
@@ -124,26 +73,8 @@ def unwrap(model):
     return model.module if hasattr(model, "module") else model
 
 
-def augment(x: torch.Tensor, pad: int, flip: bool, gen: torch.Generator) -> torch.Tensor:
-    """Random shifts (reflect padding + crop) and horizontal flips, per image."""
-    b, _, h, w = x.shape
-    padded = F.pad(x, (pad,) * 4, mode="reflect")
-    dy = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
-    dx = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
-    out = torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(b)])
-    if flip:
-        mask = torch.rand(b, generator=gen) < 0.5
-        out[mask] = out[mask].flip(3)
-    return out
-
-
 def fit(loop, config: dict, name: str, scaling: Scaling):
     """Run ``loop`` on Ray Train workers and return the final ray.train.Result."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from pdray.cluster import init_ray, require_gpus
-
     resume_from = config.get("resume_from")
     if resume_from and not Path(resume_from).is_file():
         raise PdrayError(f"--resume-from {resume_from}: no such training-state file.")
@@ -186,8 +117,6 @@ def finish(result, name: str, ship: bool) -> dict:
 
 def classifier_loop(config: dict) -> None:
     """One Ray Train worker's training of a classifier with one of the Table 1 recipes."""
-    import ray.train.torch
-
     driver_cwd = config.pop("driver_cwd", ".")
     cfg = ClassifierConfig(**config)
     device = ray.train.torch.get_device()
@@ -198,8 +127,7 @@ def classifier_loop(config: dict) -> None:
     mean = (train_x.reshape(-1, train_x.shape[-1]).mean(0)).tolist()
     std = (train_x.reshape(-1, train_x.shape[-1]).std(0)).tolist()
     model = classifiers.build(cfg.arch, data.SHAPE[d.dataset], mean, std)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True,
-                          weight_decay=cfg.weight_decay)
+    opt = recipes.classifier_optimizer(model, cfg)
     state = start_state(cfg.resume_from, driver_cwd)
     epoch, step, wall = 0, 0, 0.0
     if state is not None:
@@ -217,27 +145,10 @@ def classifier_loop(config: dict) -> None:
         t0 = time.time()
         model.train()
         for s, idx in worker_batches(len(train_x), cfg.batch_size, cfg.seed, epoch):
-            x = torch.from_numpy(train_x[idx].transpose(0, 3, 1, 2).copy()).float()
-            x = augment(x, pad, flip, gen).to(device)
-            y = labels_all[idx].to(device)
-            if cfg.recipe in ("adv-fgsm", "adv-bim"):
-                k = int(len(x) * cfg.adv_fraction)
-                eps = attacks.sample_eps(k, gen)
-                x = x.clone()
-                x[:k] = attacks.adversarial_batch(core, x[:k], eps, cfg.recipe == "adv-bim")
-            logits = model(x)
-            if cfg.recipe == "label-smoothing":
-                n = logits.shape[1]
-                target = torch.full_like(logits, cfg.smoothing / (n - 1))
-                target.scatter_(1, y[:, None], 1 - cfg.smoothing)
-                loss = torch.sum(-target * F.log_softmax(logits, 1), 1).mean()
-            else:
-                loss = F.cross_entropy(logits, y)
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, total, cfg.lr, warmup=steps_per_epoch // 2)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            x = recipes.augment(to_nchw(train_x[idx]).float(), pad, flip, gen).to(device)
+            loss = recipes.classifier_loss(model, x, labels_all[idx].to(device), cfg, gen, core)
+            recipes.sgd_step(opt, loss, recipes.lr_at(step, total, cfg.lr,
+                                                      warmup=steps_per_epoch // 2))
             step += 1
             if step % 50 == 0:
                 print(f"epoch {epoch + 1} step {s + 1}/{steps_per_epoch} loss {loss.item():.3f} "
@@ -260,7 +171,7 @@ def classifier_loop(config: dict) -> None:
 
 
 def train_classifier(cfg: ClassifierConfig, scaling: Scaling, ship: bool = False) -> dict:
-    cfg.validate()
+    cfg = cfg.resolved()
     data.locate(cfg.dataset, cfg.data_dir)  # here, not as a traceback from every worker
     result = fit(classifier_loop, asdict(cfg), cfg.name, scaling)
     return finish(result, cfg.name, ship)
@@ -268,62 +179,15 @@ def train_classifier(cfg: ClassifierConfig, scaling: Scaling, ship: bool = False
 
 # ---- PixelCNN ------------------------------------------------------------------------------
 
-@dataclass
-class PixelCNNConfig:
-    dataset: str = "fmnist"
-    filters: int = 64
-    blocks: int = 6
-    dropout: float = 0.0           # CPU-scale runs underfit; PixelCNN++ used 0.5 over 1000s of epochs
-    logistic: bool = True          # the head's logistic logit term (pdray.pixelcnn): learns far faster
-    head: str = "free"             # "free" logits or a "mixture" of logistics (pdray.pixelcnn)
-    mixtures: int = 10
-    compile: bool = True           # torch.compile the training forward: ~1.5x faster on CPU
-    steps: int = 6000              # total optimiser steps; raise it and rerun to train on
-    batch_size: int = 64           # global; split across workers
-    lr: float = 1e-3               # Adam, decayed by lr_decay per step (PixelCNN++)
-    lr_decay: float = 0.9998
-    grad_clip: float = 10.0        # max gradient norm (typical: ~2 bits/dim units); 0: off.
-                                   # Two unclipped FMNIST runs had loss spikes (steps ~1040, ~2560)
-    ema: float = 0.999             # Polyak averaging of the weights that are evaluated and shipped,
-                                   # warmed up as min(ema, (1 + n) / (10 + n)) after n updates
-    report_every: int = 300        # steps between checkpoints and test bits/dim
-    eval_images: int = 1000        # test images scored at each report
-    seed: int = 0
-    jpeg_quality: int = 0          # > 0: train and score on JPEG copies (pdray.ablation's control)
-    noise: float = 0.0             # > 0: Gaussian noise of this std (levels) on each training
-                                   # batch, rounded and clipped; test bits/dim stay on clean images
-    data_dir: str | None = None
-    resume_from: str | None = None
-
-    @property
-    def name(self) -> str:
-        return (f"{self.dataset}-pixelcnn" + (f"-{self.head}" if self.head != "free" else "")
-                + (f"-jpeg{self.jpeg_quality}" if self.jpeg_quality else "")
-                + (f"-noise{self.noise:g}" if self.noise else ""))
-
-    def model_config(self):
-        return pixelcnn.Config(channels=data.SHAPE[data.parse_dataset(self.dataset)][2],
-                               filters=self.filters, blocks=self.blocks, dropout=self.dropout,
-                               logistic=self.logistic, head=self.head, mixtures=self.mixtures)
-
-
-class BitsPerDim(torch.nn.Module):
-    """The PixelCNN's training objective as a module: DDP syncs gradients through a
-    module's forward, and the head's ``log_prob`` is far cheaper than its 256-way logits."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):  # (B, C, H, W) 0..255 -> (B,) bits per dimension
-        return self.model.bpd(x)
+def model_config(cfg: PixelCNNConfig) -> pixelcnn.Config:
+    """The PixelCNN a training config builds."""
+    return pixelcnn.Config(channels=data.SHAPE[data.Dataset(cfg.dataset)][2],
+                           filters=cfg.filters, blocks=cfg.blocks, dropout=cfg.dropout,
+                           logistic=cfg.logistic, head=cfg.head, mixtures=cfg.mixtures)
 
 
 def pixelcnn_loop(config: dict) -> None:
     """One Ray Train worker's maximum-likelihood training of the PixelCNN."""
-    import ray.train.torch
-    from torch.optim.swa_utils import AveragedModel
-
     driver_cwd = config.pop("driver_cwd", ".")
     cfg = PixelCNNConfig(**config)
     device = ray.train.torch.get_device()
@@ -331,12 +195,8 @@ def pixelcnn_loop(config: dict) -> None:
     # Subnormal floats (after a loss spike, say) make CPU kernels several times slower.
     torch.set_flush_denormal(True)
     d = load_data(cfg.dataset, cfg.data_dir, driver_cwd)
-    model = pixelcnn.PixelCNN(cfg.model_config()).to(device)
-    def ema_avg(averaged, current, n):
-        decay = min(cfg.ema, (1.0 + float(n)) / (10.0 + float(n)))  # early weights fade fast
-        return decay * averaged + (1 - decay) * current
-
-    ema = AveragedModel(model, avg_fn=ema_avg, use_buffers=True)
+    model = pixelcnn.PixelCNN(model_config(cfg)).to(device)
+    ema = recipes.averaged(model, cfg)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     state = start_state(cfg.resume_from, driver_cwd)
     step, wall = 0, 0.0
@@ -345,7 +205,7 @@ def pixelcnn_loop(config: dict) -> None:
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
         step, wall = state["step"], state["wall_time_s"]
-    objective = ray.train.torch.prepare_model(BitsPerDim(model))
+    objective = ray.train.torch.prepare_model(recipes.BitsPerDim(model))
     core = unwrap(objective).model
     forward = torch.compile(objective) if cfg.compile else objective
     train_x, test_x = d.fit.images, d.test.images
@@ -353,6 +213,10 @@ def pixelcnn_loop(config: dict) -> None:
         train_x, test_x = ablation.jpeg(train_x, cfg.jpeg_quality), ablation.jpeg(test_x, cfg.jpeg_quality)
     per_epoch = len(train_x) // cfg.batch_size
     noise = torch.Generator().manual_seed(cfg.seed)
+
+    def batch(idx) -> torch.Tensor:
+        x = to_nchw(train_x[idx], device)
+        return recipes.noisy(x, cfg.noise, noise) if cfg.noise else x
 
     def checkpoint(train_bpd: float | None) -> None:
         n_eval = min(cfg.eval_images, len(test_x))
@@ -364,7 +228,7 @@ def pixelcnn_loop(config: dict) -> None:
         print(f"step {step}: test bpd {bpd:.4f} (averaged weights), {bpd_raw:.4f} "
               f"(last weights) on {n_eval} images", flush=True)
         report(metrics, {"kind": "pixelcnn", "dataset": cfg.dataset, "arch": "pixelcnn",
-                         "recipe": None, "config": asdict(cfg.model_config()),
+                         "recipe": None, "config": asdict(model_config(cfg)),
                          "train_config": asdict(cfg), "metrics": metrics,
                          "model": ema.module.state_dict(), "train_model": core.state_dict(),
                          "ema": ema.state_dict(), "optimizer": opt.state_dict(),
@@ -377,24 +241,11 @@ def pixelcnn_loop(config: dict) -> None:
     t0 = time.time()
     while step < cfg.steps:
         epoch, s = divmod(step, per_epoch)
-        batches = worker_batches(len(train_x), cfg.batch_size, cfg.seed, epoch)
-        for s_i, idx in batches:
+        for s_i, idx in worker_batches(len(train_x), cfg.batch_size, cfg.seed, epoch):
             if s_i < s:
                 continue  # resume mid-epoch at the same batch
-            model.train()
-            x = torch.from_numpy(train_x[idx].transpose(0, 3, 1, 2).copy())
-            if cfg.noise:
-                x = (x + torch.randn(x.shape, generator=noise) * cfg.noise).round().clamp(0, 255).to(torch.uint8)
-            x = x.to(device)
-            for g in opt.param_groups:
-                g["lr"] = cfg.lr * cfg.lr_decay ** step
-            loss = forward(x).mean()  # through the wrapped module, so DDP syncs
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(core.parameters(),
-                                                       cfg.grad_clip or float("inf"))
-            opt.step()
-            ema.update_parameters(core)
+            loss, grad_norm = recipes.pixelcnn_step(forward, core, ema, opt,
+                                                    batch(idx), step, cfg)
             step += 1
             if step % 20 == 0:
                 print(f"step {step}/{cfg.steps} train bpd {loss.item():.3f} grad norm "
@@ -422,7 +273,7 @@ def check_resumable(cfg: PixelCNNConfig, scaling: Scaling) -> None:
         trained = asdict(pixelcnn.Config(**trained))
     except Exception as e:
         raise PdrayError(f"Cannot read the training state {source} to resume from ({e}).") from None
-    wanted = asdict(cfg.model_config())
+    wanted = asdict(model_config(cfg))
     if trained != wanted:
         raise PdrayError(
             f"{source} holds a training state of a different model ({trained}) than the options "
@@ -431,14 +282,11 @@ def check_resumable(cfg: PixelCNNConfig, scaling: Scaling) -> None:
 
 
 def train_pixelcnn(cfg: PixelCNNConfig, scaling: Scaling, ship: bool = False) -> dict:
-    if cfg.head not in pixelcnn.HEADS:
-        raise PdrayError(f"Unknown PixelCNN head {cfg.head!r}: choose one of {', '.join(pixelcnn.HEADS)}.")
+    cfg = cfg.resolved()
     data.locate(cfg.dataset, cfg.data_dir)  # here, not as a traceback from every worker
     check_resumable(cfg, scaling)
     result = fit(pixelcnn_loop, asdict(cfg), cfg.name, scaling)
     out = finish(result, cfg.name, ship)
     if ship:  # p-values rank against these; computing them is a one-off per checkpoint
-        from pdray import detect
-
         detect.store_train_log_likelihoods(cfg.name, cfg.data_dir)
     return out

@@ -15,8 +15,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from pdray import classifiers, data, pixelcnn
+from pdray.classifiers import predict
 from pdray.errors import PdrayError
 from pdray.files import atomic_write, sha256
+from pdray.pixelcnn import bits_per_dim
 
 PACKAGE_WEIGHTS = Path(__file__).parent / "weights"
 
@@ -46,6 +49,15 @@ def entry(name: str) -> dict:
                      f"(`pdray models list`).")
 
 
+def require(name: str, kind: str, dataset: str) -> dict:
+    """The entry of a shipped ``kind`` ("classifier" or "pixelcnn") of ``dataset``."""
+    e = entry(name)
+    if e["kind"] != kind or e["dataset"] != dataset:
+        what = "PixelCNN" if kind == "pixelcnn" else kind
+        raise PdrayError(f"{name} is a {e['dataset']} {e['kind']}, not a {dataset} {what}.")
+    return e
+
+
 def load_checkpoint(path: str | Path, expected_sha256: str | None = None) -> dict:
     """Load a weights or training-state file safely, with a clear error if it is bad. A
     training state stands for the model it would ship: its averaged weights."""
@@ -71,15 +83,11 @@ def load_checkpoint(path: str | Path, expected_sha256: str | None = None) -> dic
 
 def build(ckpt: dict) -> nn.Module:
     """The model a weights file describes, with its weights, in eval mode on the CPU."""
-    from pdray import classifiers, data
-
     if ckpt["kind"] == "classifier":
         shape = data.SHAPE[data.Dataset(ckpt["dataset"])]
         model = classifiers.build(ckpt["arch"], shape, [0.0] * shape[2], [1.0] * shape[2],
                                   **ckpt.get("arch_options", {}))
     elif ckpt["kind"] == "pixelcnn":
-        from pdray import pixelcnn
-
         model = pixelcnn.PixelCNN(pixelcnn.Config(**ckpt["config"]))
     else:
         raise PdrayError(f"Unknown model kind {ckpt['kind']!r} in checkpoint.")
@@ -151,3 +159,21 @@ def adaptive_threshold(name: str) -> dict:
         raise PdrayError(f"{name} has no adaptive threshold yet; choose one on validation "
                          f"data with `pdray adaptive-threshold --dataset {e['dataset']}`.")
     return e["adaptive_threshold"]
+
+
+def metric(name: str, n_images: int, data_dir: str | Path | None = None,
+           device: torch.device | str = "cpu") -> dict:
+    """A shipped model's metric recomputed on the first ``n_images`` test images:
+    accuracy for a classifier, bits/dim for a PixelCNN."""
+    e = entry(name)
+    d = data.load(e["dataset"], data_dir)
+    if not 1 <= n_images <= len(d.test.labels):
+        raise PdrayError(f"--n-images must be between 1 and {len(d.test.labels)}; got {n_images}.")
+    model, _ = load(name, device)
+    images, labels = d.test.images[:n_images], d.test.labels[:n_images]
+    if e["kind"] == "classifier":
+        metric, value = "accuracy", float((predict(model, images) == labels).mean())
+    else:
+        metric, value = "bpd", float(bits_per_dim(model, images).mean())
+    return {"name": name, "metric": metric, "value": value, "n_images": n_images,
+            "data": d.name}

@@ -4,7 +4,7 @@ import torch
 
 from pdray import attacks, purify
 from pdray.errors import PdrayError
-from pdray.evaluate import predict
+from pdray.classifiers import predict
 from conftest import tiny_classifier
 
 
@@ -180,3 +180,9 @@ def test_attack_many_matches_single_calls(cifar_samples):
         assert np.array_equal(many[1], images)
         for eps, adv in zip((2, 8), (many[0], many[2])):
             assert np.array_equal(adv, attacks.attack(name, model, images, labels, eps, seed=1))
+
+
+def test_a_misspelt_attack_option_is_an_error(fmnist_samples):
+    images, labels = fmnist_samples
+    with pytest.raises(TypeError, match="cw_step"):
+        attacks.attack("cw", tiny_classifier(1), images[:2], labels[:2], 8, cw_step=10)

@@ -18,6 +18,6 @@ def test_art_reads_the_probabilities_and_picks_their_bounded_argmax(samples, cha
     with torch.no_grad():
         probs = torch.softmax(model(x), -1).reshape(-1, 256)
     lo, hi = purify._bounds(x, torch.full((3,), 8))
-    direct = purify._masked_argmax(probs, lo.reshape(-1), hi.reshape(-1)).view(x.shape)
+    direct = purify._decide(probs, lo.reshape(-1), hi.reshape(-1))[0].view(x.shape)
     assert np.array_equal(out, direct.numpy().transpose(0, 2, 3, 1).astype(np.uint8))
     assert (out != images).mean() > 0.3  # not vacuous

@@ -36,7 +36,7 @@ def test_large_weights_ship_in_float16_and_load_into_float32(tmp_path, monkeypat
     import numpy as np
 
     from pdray import zoo
-    from pdray.evaluate import predict
+    from pdray.classifiers import predict
     from conftest import tiny_classifier
 
     monkeypatch.setenv("PDRAY_WEIGHTS_DIR", str(tmp_path))

@@ -5,7 +5,8 @@ import json
 
 import pandas as pd
 
-from pdray import pipeline, report
+from pdray import pipeline, report, results
+from pdray.config import EvalConfig, RunOptions
 from conftest import local_ray
 
 CFG = dict(dataset="fmnist", n_images=4, shards=2, attacks=["deepfool", "cw"],
@@ -17,11 +18,11 @@ def test_cw_and_deepfool_evaluation_repeats_byte_for_byte(tmp_path):
     local_ray()
     runs = []
     for k in range(2):
-        out = pipeline.run(pipeline.EvalConfig(**CFG),
-                           pipeline.RunOptions(out=str(tmp_path / f"run{k}")))
+        out = pipeline.run(EvalConfig(**CFG),
+                           RunOptions(out=str(tmp_path / f"run{k}")))
         report.report(out)
-        df, _ = report.load_results(out)
-        runs.append((df.drop(columns=["seconds", "purifier"]).sort_values(pipeline.KEY)
+        df, _ = results.load_results(out)
+        runs.append((df.drop(columns=["seconds", "purifier"]).sort_values(results.KEY)
                      .reset_index(drop=True), (out / "report" / "table1.csv").read_bytes()))
     (first, csv1), (second, csv2) = runs
     pd.testing.assert_frame_equal(first, second)  # images (bytes), predictions, bits/dim

@@ -5,7 +5,8 @@ import json
 import pandas as pd
 import pytest
 
-from pdray import pipeline, report
+from pdray import pipeline, report, results
+from pdray.config import EvalConfig, RunOptions
 from pdray.errors import PdrayError
 from conftest import local_ray
 
@@ -13,25 +14,25 @@ CFG = dict(dataset="fmnist", n_images=6, shards=3, attacks=["rand", "fgsm"], eps
            eps_defend=16, seed=0, save_images=4)
 
 
-def results(out):
+def rows(out):
     """The rows of a run, without the provenance columns (timing, which node purified)."""
-    df, _ = report.load_results(out)
-    return df.drop(columns=["seconds", "purifier"]).sort_values(pipeline.KEY).reset_index(drop=True)
+    df, _ = results.load_results(out)
+    return df.drop(columns=["seconds", "purifier"]).sort_values(results.KEY).reset_index(drop=True)
 
 
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
     local_ray()
     out = tmp_path_factory.mktemp("full")
-    pipeline.run(pipeline.EvalConfig(**CFG), pipeline.RunOptions(out=str(out)))
+    pipeline.run(EvalConfig(**CFG), RunOptions(out=str(out)))
     return out
 
 
 def test_rows_and_layout(full_run):
-    df = results(full_run)
-    cfg = pipeline.resolve(pipeline.EvalConfig(**CFG))
-    assert len(df) == 6 * pipeline.rows_per_image(cfg)
-    assert not df.duplicated(pipeline.KEY).any()
+    df = rows(full_run)
+    cfg = pipeline.resolve(EvalConfig(**CFG))
+    assert len(df) == 6 * cfg.rows_per_image()
+    assert not df.duplicated(results.KEY).any()
     assert set(df.defense) == {"none", "squeeze", "pixeldefend", "adaptive"}
     assert set(df.attack) == {"clean", "rand", "fgsm"}
     for col in ["image_id", "label", "dataset", "classifier", "recipe", "attack", "eps_attack",
@@ -43,7 +44,7 @@ def test_rows_and_layout(full_run):
     run = json.loads((full_run / "run.json").read_text())
     assert run["config"]["eps_attack"] == [4, 8] and "torch" in run["versions"]
     assert set(run["models"]) == {"fmnist-resnet-normal", "fmnist-pixelcnn"}
-    history = pipeline.read_history(full_run)
+    history = results.read_history(full_run)
     assert history[0]["shards"] == [0, 1, 2] and history[0]["wall_time_s"] > 0
     assert sorted(history[0]["completed"]) == [0, 1, 2] and not history[0]["interrupted"]
     assert "/" not in history[0]["command"][0]
@@ -58,9 +59,9 @@ def test_rows_and_layout(full_run):
 
 def test_rerunning_one_shard_changes_nothing(full_run):
     local_ray()
-    before = results(full_run)
-    pipeline.run(pipeline.EvalConfig(**CFG), pipeline.RunOptions(out=str(full_run), shard=1))
-    pd.testing.assert_frame_equal(before, results(full_run))
+    before = rows(full_run)
+    pipeline.run(EvalConfig(**CFG), RunOptions(out=str(full_run), shard=1))
+    pd.testing.assert_frame_equal(before, rows(full_run))
 
 
 def test_interrupted_then_resumed_equals_uninterrupted(full_run, tmp_path):
@@ -68,11 +69,11 @@ def test_interrupted_then_resumed_equals_uninterrupted(full_run, tmp_path):
     layout): the actors' number and placement must not change a single row."""
     local_ray()
     out = tmp_path / "resumed"
-    pipeline.run(pipeline.EvalConfig(**CFG), pipeline.RunOptions(out=str(out), shard=2))
-    assert pipeline.completed_shards(out) == {2}
-    pipeline.run(pipeline.EvalConfig(**CFG),
-                 pipeline.RunOptions(out=str(out), resume=True, num_attackers=2, purifier_cpus=0))
-    pd.testing.assert_frame_equal(results(full_run), results(out))
+    pipeline.run(EvalConfig(**CFG), RunOptions(out=str(out), shard=2))
+    assert results.completed_shards(out) == {2}
+    pipeline.run(EvalConfig(**CFG),
+                 RunOptions(out=str(out), resume=True, num_attackers=2, purifier_cpus=0))
+    pd.testing.assert_frame_equal(rows(full_run), rows(out))
 
 
 def test_an_interrupted_run_records_only_if_it_wrote_shards(tmp_path, monkeypatch):
@@ -88,8 +89,8 @@ def test_an_interrupted_run_records_only_if_it_wrote_shards(tmp_path, monkeypatc
     for fake, error in ((stopped_after_one, KeyboardInterrupt), (failed, PdrayError)):
         monkeypatch.setattr(pipeline, "_evaluate", fake)
         with pytest.raises(error):
-            pipeline.run(pipeline.EvalConfig(**CFG), pipeline.RunOptions(out=str(tmp_path)))
-    (entry,) = pipeline.read_history(tmp_path)
+            pipeline.run(EvalConfig(**CFG), RunOptions(out=str(tmp_path)))
+    (entry,) = results.read_history(tmp_path)
     assert entry["shards"] == [0, 1, 2] and entry["completed"] == [0] and entry["interrupted"]
     assert entry["wall_time_s"] >= 0
 
@@ -149,8 +150,8 @@ def test_table1_rows_follow_the_papers_order():
 ])
 def test_bad_config_is_refused_before_anything_runs(change, message, tmp_path):
     with pytest.raises(PdrayError, match=message):
-        pipeline.run(pipeline.EvalConfig(**{**CFG, **change}),
-                     pipeline.RunOptions(out=str(tmp_path / "x")))
+        pipeline.run(EvalConfig(**{**CFG, **change}),
+                     RunOptions(out=str(tmp_path / "x")))
     assert not (tmp_path / "x").exists()
 
 
@@ -159,31 +160,31 @@ def test_a_run_from_before_an_option_existed_still_resumes(full_run, tmp_path):
     old = json.loads((full_run / "run.json").read_text())
     del old["config"]["bpda_steps"]
     (tmp_path / "run.json").write_text(json.dumps(old))
-    pipeline.prepare_out(pipeline.resolve(pipeline.EvalConfig(**CFG)),
-                         pipeline.RunOptions(out=str(tmp_path)), old["shards"])
+    results.prepare_out(tmp_path, pipeline.resolve(EvalConfig(**CFG)), old["shards"],
+                        old["models"])
     with pytest.raises(PdrayError, match="another configuration"):
-        pipeline.prepare_out(pipeline.resolve(pipeline.EvalConfig(**CFG, bpda_steps=50)),
-                             pipeline.RunOptions(out=str(tmp_path)), old["shards"])
+        results.prepare_out(tmp_path, pipeline.resolve(EvalConfig(**CFG, bpda_steps=50)),
+                            old["shards"], old["models"])
 
 
 def test_existing_results_are_never_touched_by_a_bad_run(full_run):
-    before = results(full_run)
+    before = rows(full_run)
     with pytest.raises(PdrayError, match="another configuration"):
-        pipeline.run(pipeline.EvalConfig(**{**CFG, "eps_defend": 8}),
-                     pipeline.RunOptions(out=str(full_run)))
+        pipeline.run(EvalConfig(**{**CFG, "eps_defend": 8}),
+                     RunOptions(out=str(full_run)))
     with pytest.raises(PdrayError, match="--shard must be in 0..2"):
-        pipeline.run(pipeline.EvalConfig(**CFG), pipeline.RunOptions(out=str(full_run), shard=3))
+        pipeline.run(EvalConfig(**CFG), RunOptions(out=str(full_run), shard=3))
     with pytest.raises(PdrayError, match="--purifier-cpus at least 0"):
-        pipeline.run(pipeline.EvalConfig(**CFG),
-                     pipeline.RunOptions(out=str(full_run), purifier_cpus=-1))
-    pd.testing.assert_frame_equal(before, results(full_run))
+        pipeline.run(EvalConfig(**CFG),
+                     RunOptions(out=str(full_run), purifier_cpus=-1))
+    pd.testing.assert_frame_equal(before, rows(full_run))
 
 
 def test_unwritable_output(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     with pytest.raises(PdrayError, match="Cannot write results"):
-        pipeline.run(pipeline.EvalConfig(**CFG), pipeline.RunOptions(out=str(blocker / "out")))
+        pipeline.run(EvalConfig(**CFG), RunOptions(out=str(blocker / "out")))
 
 
 def test_bench_pipeline_measures_both_paths():
@@ -198,20 +199,20 @@ def test_bench_pipeline_measures_both_paths():
 
 
 def test_adaptive_alone_purifies_only_what_it_needs_and_agrees():
+    """The stages are plain classes: this runs them without Ray."""
     from dataclasses import asdict
 
     import numpy as np
 
-    local_ray()
     shards = [[0, 1, 2]]
-    plain = pipeline.resolve(pipeline.EvalConfig(**{**CFG, "defenses": ["none"]}))
+    plain = pipeline.resolve(EvalConfig(**{**CFG, "defenses": ["none"]}))
     batch = pipeline.AttackStage(asdict(plain), shards, None)({"shard": np.array([0])})
     scored = pd.DataFrame(pipeline.PurifierStage(asdict(plain))(batch))
     threshold = float(scored.bpd_input.median())  # half the images below, half above
     rows = {}
     for defenses in (["pixeldefend", "adaptive"], ["adaptive"]):
-        cfg = pipeline.resolve(pipeline.EvalConfig(**{**CFG, "defenses": defenses,
-                                                      "adaptive_threshold": threshold}))
+        cfg = pipeline.resolve(EvalConfig(**{**CFG, "defenses": defenses,
+                                             "adaptive_threshold": threshold}))
         out = pd.DataFrame(pipeline.PurifierStage(asdict(cfg))(batch))
         rows[len(defenses)] = out[out.defense == "adaptive"].drop(
             columns=["seconds", "purifier"]).reset_index(drop=True)
@@ -226,15 +227,13 @@ def test_bpda_rows_are_made_by_the_purifier_and_reported_apart():
 
     import numpy as np
 
-    local_ray()
-    cfg = pipeline.resolve(pipeline.EvalConfig(**{**CFG, "attacks": ["fgsm", "bpda"],
-                                                  "eps_attack": [8],
-                                                  "defenses": ["none", "pixeldefend"]}))
+    cfg = pipeline.resolve(EvalConfig(**{**CFG, "attacks": ["fgsm", "bpda"], "eps_attack": [8],
+                                         "defenses": ["none", "pixeldefend"]}))
     batch = pipeline.AttackStage(asdict(cfg), [[0, 1, 2]], None)({"shard": np.array([0])})
     assert set(batch["attack"]) == {"clean", "fgsm"}
     df = pd.DataFrame(pipeline.PurifierStage(asdict(cfg))(batch))
-    assert len(df) == 3 * pipeline.rows_per_image(cfg)
-    assert not df.duplicated(pipeline.KEY).any()
+    assert len(df) == 3 * cfg.rows_per_image()
+    assert not df.duplicated(results.KEY).any()
     bpda = df[df.attack == "bpda"].sort_values(["defense", "image_id"])
     assert set(bpda.defense) == {"none", "pixeldefend"} and (bpda.eps_attack == 8).all()
     clean = df[(df.attack == "clean") & (df.defense == "none")].sort_values("image_id")

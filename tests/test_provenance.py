@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from pdray import data, pipeline
+from pdray import data, pipeline, results
+from pdray.config import EvalConfig
 from pdray.errors import PdrayError
 
 CFG = dict(dataset="fmnist", n_images=4, shards=2, attacks=["fgsm"], eps_attack=[8])
@@ -52,16 +53,15 @@ def test_official_cifar10_is_verified_by_checksum(tmp_path, monkeypatch, real_ci
 
 
 def test_resume_on_other_data_is_refused(tmp_path):
-    cfg = pipeline.resolve(pipeline.EvalConfig(**CFG))
+    cfg = pipeline.resolve(EvalConfig(**CFG))
     shards = [[0, 1], [2, 3]]
     source = data.load("fmnist").provenance()
-    pipeline.prepare_out(cfg, pipeline.RunOptions(out=str(tmp_path)), shards, source)
+    results.prepare_out(tmp_path, cfg, shards, {}, source)
     assert json.loads((tmp_path / "run.json").read_text())["data"] == source
     moved = {**source, "source": "/elsewhere/fashion-mnist"}  # same files, another folder
-    pipeline.prepare_out(cfg, pipeline.RunOptions(out=str(tmp_path), resume=True), shards, moved)
+    results.prepare_out(tmp_path, cfg, shards, {}, moved)
     other = {**source, "name": "Fashion-MNIST (unofficial copy)",
              "sha256": {**source["sha256"], "t10k-images-idx3-ubyte.gz": "0" * 64}}
     with pytest.raises(PdrayError, match="mix results from two datasets") as e:
-        pipeline.prepare_out(cfg, pipeline.RunOptions(out=str(tmp_path), resume=True), shards,
-                             other)
+        results.prepare_out(tmp_path, cfg, shards, {}, other)
     assert "\n" not in str(e.value) and "--data-dir" in str(e.value)

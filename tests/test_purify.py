@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from pdray import purify
+from pdray.pixelcnn import bits_per_dim
 from conftest import tiny_pixelcnn
 
 
@@ -47,14 +48,36 @@ def test_reference_steps_touch_only_the_first_subpixels(fmnist_samples):
 
 
 def test_pixeldefend_returns_the_bits_per_dim_of_what_it_returns(fmnist_samples):
-    from pdray.evaluate import bits_per_dim
-
     images = fmnist_samples[0][:5, :10, :10]
     model = tiny_pixelcnn(1)
     out, bpd = purify.pixeldefend(model, images, [16, 0, 8, 0, 255], batch_size=2,
                                   return_bpd=True)
     assert np.array_equal(out[[1, 3]], images[[1, 3]])  # eps 0: untouched, scored by a pass
     np.testing.assert_allclose(bpd, bits_per_dim(model, out), rtol=1e-4)
+
+
+def test_defend_applies_each_defense_and_adaptive_alone_purifies_only_what_it_needs(
+        fmnist_samples):
+    images = fmnist_samples[0][:6, :10, :10]
+    model = tiny_pixelcnn(1)
+    threshold = float(np.median(bits_per_dim(model, images)))  # half below, half above
+    every = purify.defend(model, images, ["none", "squeeze", "pixeldefend", "adaptive"], 16,
+                          threshold=threshold, batch_size=4)
+    alone = purify.defend(model, images, ["adaptive"], 16, threshold=threshold, batch_size=4)
+    np.testing.assert_array_equal(every["adaptive"].images, alone["adaptive"].images)
+    np.testing.assert_array_equal(every["adaptive"].eps_defend, alone["adaptive"].eps_defend)
+    # The decoding's likelihood depends on the batch's float32 sums in its last digits.
+    np.testing.assert_allclose(every["adaptive"].bpd, alone["adaptive"].bpd, rtol=1e-6)
+    eps = alone["adaptive"].eps_defend
+    keep = eps == 0
+    assert keep.any() and (eps[~keep] == 16).all()
+    assert np.array_equal(alone["adaptive"].images[keep], images[keep])
+    assert np.array_equal(every["adaptive"].images[~keep], every["pixeldefend"].images[~keep])
+    assert np.array_equal(every["none"].images, images) and not every["none"].eps_defend.any()
+    assert np.array_equal(every["squeeze"].images, purify.feature_squeeze(images))
+    assert (every["pixeldefend"].eps_defend == 16).all()
+    for d in every.values():
+        np.testing.assert_allclose(d.bpd, bits_per_dim(model, d.images), rtol=1e-4)
 
 
 def test_feature_squeeze_levels_and_median():

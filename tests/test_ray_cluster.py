@@ -15,15 +15,16 @@ import pandas as pd
 import psutil
 import pytest
 
-from pdray import pipeline, report
+from pdray import pipeline, report, results
+from pdray.config import EvalConfig, RunOptions
 from conftest import REPO, local_ray
-from test_pipeline import CFG, results
+from test_pipeline import CFG, rows
 
 MANY_SHARDS = {**CFG, "n_images": 20, "shards": 10, "purify_batch": 10}  # a shard per batch
 
 
 def expected_rows(cfg):
-    return cfg["n_images"] * pipeline.rows_per_image(pipeline.resolve(pipeline.EvalConfig(**cfg)))
+    return cfg["n_images"] * pipeline.resolve(EvalConfig(**cfg)).rows_per_image()
 
 
 def run_in_thread(cfg, out, **opts):
@@ -31,7 +32,7 @@ def run_in_thread(cfg, out, **opts):
 
     def target():
         try:
-            pipeline.run(pipeline.EvalConfig(**cfg), pipeline.RunOptions(out=str(out), **opts))
+            pipeline.run(EvalConfig(**cfg), RunOptions(out=str(out), **opts))
         except BaseException as e:  # re-raised in the test
             box["error"] = e
 
@@ -42,22 +43,22 @@ def run_in_thread(cfg, out, **opts):
 
 def wait_for_first_shard(out, thread, timeout=300):
     t0 = time.time()
-    while not pipeline.completed_shards(out) and thread.is_alive():
+    while not results.completed_shards(out) and thread.is_alive():
         assert time.time() - t0 < timeout, "no shard finished"
         time.sleep(0.2)
-    return len(pipeline.completed_shards(out))
+    return len(results.completed_shards(out))
 
 
 def assert_complete(out, cfg):
-    df = results(out)
-    assert len(df) == expected_rows(cfg) and not df.duplicated(pipeline.KEY).any()
-    assert pipeline.completed_shards(out) == set(range(cfg["shards"]))
+    df = rows(out)
+    assert len(df) == expected_rows(cfg) and not df.duplicated(results.KEY).any()
+    assert results.completed_shards(out) == set(range(cfg["shards"]))
 
 
 def test_purifiers_spread_one_per_gpu(gpu_cluster, tmp_path):
-    pipeline.run(pipeline.EvalConfig(**MANY_SHARDS), pipeline.RunOptions(out=str(tmp_path)))
+    pipeline.run(EvalConfig(**MANY_SHARDS), RunOptions(out=str(tmp_path)))
     assert_complete(tmp_path, MANY_SHARDS)
-    df, _ = report.load_results(tmp_path)
+    df, _ = results.load_results(tmp_path)
     placements = set(df.purifier)
     assert len(placements) == 2, placements  # two purifiers, one on each GPU node
     assert len({p.split(" gpu ")[0] for p in placements}) == 2
@@ -141,5 +142,5 @@ def test_ray_job_submit_runs_full_eval(ray_head):
         time.sleep(2)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "on GPUs" in r.stdout  # the fake GPU was found and asked for
-    assert pipeline.completed_shards(out) == {0, 1}
+    assert results.completed_shards(out) == {0, 1}
     assert (out / "report" / "table1.md").exists()

@@ -3,7 +3,7 @@ test images: sampling noise is the tolerance). Skipped without the real data."""
 
 import pytest
 
-from pdray import evaluate, zoo
+from pdray import zoo
 
 
 @pytest.mark.parametrize("name,n_images,tolerance", [
@@ -15,7 +15,7 @@ def test_shipped_model_scores_as_its_manifest_says(name, n_images, tolerance, re
     real = request.getfixturevalue(f"real_{name.split('-')[0]}")
     monkeypatch.delenv("PDRAY_WEIGHTS_DIR")  # the package's weights, not the tiny test zoo
     shipped = zoo.entry(name)["metrics"]
-    r = evaluate.model_metric(name, n_images, real.source)
+    r = zoo.metric(name, n_images, real.source)
     if r["metric"] == "accuracy":
         assert r["value"] >= shipped["test_accuracy"] - tolerance
     else:

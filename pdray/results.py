@@ -1,0 +1,154 @@
+"""The results folder, as the pipeline writes it and the report reads it:
+
+    OUT/run.json                          what the run computes (config, shards, models, data)
+                                          and what it ran on (versions, command)
+    OUT/results/shard=KKKKK/part-0.parquet  one row per (image, classifier, attack,
+    OUT/results/shard=KKKKK/_SUCCESS        eps_attack, defense); the marker says "complete"
+    OUT/history.jsonl                     one line per invocation: shards, wall time, memory
+
+A shard is replaced whole (its part file swapped in with os.replace, then marked), so a
+rerun is atomic and duplicate-free whatever Ray retried. No Ray and no models here.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pdray.config import EvalConfig
+from pdray.errors import PdrayError
+from pdray.files import atomic_write
+
+# One row per (image, classifier, attack, eps_attack, defense).
+SCHEMA = pa.schema([
+    ("shard", pa.int64()), ("image_id", pa.int64()), ("label", pa.int64()),
+    ("dataset", pa.string()), ("classifier", pa.string()), ("network", pa.string()),
+    ("recipe", pa.string()), ("attack", pa.string()), ("eps_attack", pa.int64()),
+    ("defense", pa.string()), ("eps_defend", pa.int64()), ("pred", pa.int64()),
+    ("correct", pa.bool_()), ("bpd_input", pa.float64()), ("pvalue_input", pa.float64()),
+    ("bpd_defended", pa.float64()),
+    ("seconds", pa.float64()), ("purifier", pa.string()),  # provenance: time, node/GPU
+    ("image_input", pa.binary()), ("image_defended", pa.binary()),  # uint8 HWC bytes, or null
+])
+SHARED = "*"  # the classifier of rows whose image does not depend on one (clean, RAND)
+KEY = ["image_id", "classifier", "attack", "eps_attack", "defense"]
+MARKER = "_SUCCESS"
+HISTORY = "history.jsonl"
+
+
+# ---- shards --------------------------------------------------------------------------------
+
+def shard_dir(out: Path, k: int) -> Path:
+    return Path(out) / "results" / f"shard={k:05d}"
+
+
+def completed_shards(out: Path) -> set[int]:
+    folder = Path(out) / "results"
+    if not folder.is_dir():
+        return set()
+    return {int(p.name.split("=")[1]) for p in folder.glob("shard=*") if (p / MARKER).exists()}
+
+
+def write_shard(out: Path, k: int, rows: pd.DataFrame) -> None:
+    """Replace shard k: drop its marker, atomically swap in the one part file, then mark it
+    complete. Readers see the old complete file, or the new one, never a mix."""
+    folder = shard_dir(out, k)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / MARKER).unlink(missing_ok=True)
+    rows = rows.sort_values(KEY).reset_index(drop=True)
+    table = pa.Table.from_pandas(rows[SCHEMA.names], schema=SCHEMA, preserve_index=False)
+    table = table.replace_schema_metadata(None)  # types from SCHEMA alone, not pandas' guesses
+    atomic_write(folder / "part-0.parquet", lambda tmp: pq.write_table(table, tmp))
+    atomic_write(folder / MARKER, lambda tmp: tmp.write_text(f"{len(rows)}\n"))
+
+
+def load_results(out: Path) -> tuple[pd.DataFrame, dict]:
+    """Rows of every shard that has its completion marker, and the run's run.json."""
+    out = Path(out)
+    try:
+        run = json.loads((out / "run.json").read_text())
+    except (OSError, ValueError):
+        raise PdrayError(f"{out} has no readable run.json: it is not a pdray results folder.") from None
+    parts = sorted(p for p in (out / "results").glob("shard=*/part-0.parquet")
+                   if (p.parent / MARKER).exists())
+    if not parts:
+        raise PdrayError(f"{out} has no completed shards yet; run the evaluation first.")
+    return pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True), run
+
+
+# ---- run.json ------------------------------------------------------------------------------
+
+def prepare_out(out: str | Path, cfg: EvalConfig, shards: list[list[int]], models: dict,
+                data: dict | None = None, recorded: dict | None = None) -> Path:
+    """Create OUT and its run.json, or check that an existing OUT holds this run: the same
+    configuration, shards and models (name -> sha256) and, when both record it, the same
+    data (``data.Data.provenance``). ``recorded`` (versions, say) is written, not compared."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".pdray-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise PdrayError(f"Cannot write results to {out} ({e.strerror}). Choose a writable "
+                         f"--out folder.") from None
+    run = {"config": asdict(cfg), "shards": shards, "models": models}
+    path = out / "run.json"
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+        except ValueError:
+            old = None
+        if not isinstance(old, dict) or not isinstance(old.get("config"), dict):
+            raise PdrayError(f"{path} is unreadable; use a new --out folder.")
+        _check_same_data(out, old.get("data"), data)
+        # A run.json from before an option existed matches if this run leaves it at its default.
+        defaults = {f.name: f.default for f in fields(EvalConfig)}
+        old["config"] = {**{k: v for k, v in run["config"].items() if v == defaults.get(k)},
+                         **old["config"]}
+        if {k: old.get(k) for k in run} != run:
+            raise PdrayError(f"{out} holds results of another configuration (see its run.json). "
+                             f"Use a new --out folder, or the same options as that run.")
+    run.update(**(recorded or {}), command=command(), **({"data": data} if data else {}))
+    if not path.exists():
+        atomic_write(path, lambda tmp: tmp.write_text(json.dumps(run, indent=2) + "\n"))
+    return out
+
+
+def _check_same_data(out: Path, old: dict | None, new: dict | None) -> None:
+    """Resuming on other data would mix two datasets' rows in one table. The folder the
+    data is read from may change; its name and checksums may not. A run.json from before
+    runs recorded their data cannot be checked."""
+    if not old or not new or (old.get("name"), old.get("sha256")) == (new["name"], new["sha256"]):
+        return
+    raise PdrayError(f"{out} holds results computed on {old.get('name')} read from "
+                     f"{old.get('source')}, but this run reads {new['name']} from "
+                     f"{new['source']}, and the files' sha256 checksums differ (see run.json); "
+                     f"resuming would mix results from two datasets. Point --data-dir at the "
+                     f"data that run used, or use a new --out folder.")
+
+
+# ---- history.jsonl -------------------------------------------------------------------------
+
+def command() -> list[str]:
+    """This process's command line, with the program's folder left out."""
+    return [Path(sys.argv[0]).name, *sys.argv[1:]]
+
+
+def record_history(out: Path, entry: dict) -> None:
+    """Append one finished invocation (command, shards, wall time) to OUT/history.jsonl,
+    so a results folder tells how it was made and how long that took, across resumes."""
+    path = Path(out) / HISTORY
+    old = path.read_text() if path.exists() else ""
+    atomic_write(path, lambda tmp: tmp.write_text(old + json.dumps(entry) + "\n"))
+
+
+def read_history(out: Path) -> list[dict]:
+    path = Path(out) / HISTORY
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
