@@ -70,12 +70,15 @@ def probe(pixelcnn, classifier, images: np.ndarray, labels: np.ndarray, *, eps_a
     share of sub-pixels that end on the edge of the eps_defend ball, the share decided by
     the model (the purified value is its unconstrained mode there), and for attacked inputs
     how much of the perturbation survives (``kept``), overall and where the model decided."""
+    def purified_of(x):
+        return purify.pixeldefend(pixelcnn, x, eps_defend, batch_size=batch_size, return_bpd=True)
+
     rows = []
-    purified_clean = purify.pixeldefend(pixelcnn, images, eps_defend, batch_size=batch_size)
+    clean_out = purified_of(images)  # the clean row's, and what ``kept`` compares against
+    purified_clean = clean_out[0]
     for kind in inputs:
         x = images if kind == "clean" else attacks.attack(kind, classifier, images, labels, eps_attack)
-        purified, bpd_after = purify.pixeldefend(pixelcnn, x, eps_defend, batch_size=batch_size,
-                                                 return_bpd=True)
+        purified, bpd_after = clean_out if kind == "clean" else purified_of(x)
         moved = np.abs(purified.astype(np.int16) - x.astype(np.int16))
         free = model_modes(pixelcnn, purified) == purified
         rows.append({
