@@ -156,8 +156,7 @@ def _soft_case(channels, logistic, head, shape):
 
 
 @pytest.mark.parametrize("channels,logistic,head,shape", SOFT_MODELS)
-@pytest.mark.parametrize("tau", [1.0, 0.3])
-def test_soft_gradient_matches_finite_differences(channels, logistic, head, shape, tau):
+def test_soft_gradient_matches_finite_differences(channels, logistic, head, shape, tau=0.5):
     """Autograd through the soft decoding (every cached decoder step, the soft values fed
     as context) against central differences, in float64, for every input sub-pixel. The
     gradient is more than BPDA's identity: later sub-pixels follow earlier ones through the
@@ -181,12 +180,26 @@ def test_soft_gradient_matches_finite_differences(channels, logistic, head, shap
 
 @pytest.mark.parametrize("channels,logistic,head,shape", SOFT_MODELS)
 def test_soft_tends_to_the_exact_purifier_as_tau_falls(channels, logistic, head, shape):
+    """At small tau each soft value is the exact purifier's, except at near-ties: where the
+    best two feasible values' logits are closer than tau, the softmax averages them. The
+    mixture head's smooth conditionals have such ties at their modes (margins down to
+    3e-7 here); wherever the exact decision's margin is 100 tau or more, the soft decoding
+    equals it."""
     model, x, eps = _soft_case(channels, logistic, head, shape)
     exact, _ = purify.fast_batch(model, x.long(), eps)
-    gaps = [(purify.soft_batch(model, x, eps, tau) - exact).abs().max().item()
-            for tau in (1.0, 1e-2, 1e-4, 1e-6)]
-    print("max |soft - exact| at tau 1, 1e-2, 1e-4, 1e-6:", gaps)
-    assert gaps[0] > 1 and gaps[-1] < 1e-6
+    with torch.no_grad():
+        logits = model(exact)  # (B, C, H, W, 256): each conditional given the exact prefix
+    lo, hi = purify._bounds(x.long(), eps)
+    z = torch.arange(256)
+    feasible = (z >= lo[..., None]) & (z <= hi[..., None])
+    best = logits.masked_fill(~feasible, float("-inf")).topk(2, dim=-1).values
+    clear = best[..., 0] - best[..., 1] > 1e-4  # 100 tau at tau 1e-6
+    gaps = {tau: (purify.soft_batch(model, x, eps, tau) - exact).abs()
+            for tau in (1.0, 1e-2, 1e-4, 1e-6)}
+    print("max |soft - exact| at tau 1, 1e-2, 1e-4, 1e-6:", [g.max().item() for g in gaps.values()],
+          f"; decisions clearer than 1e-4: {clear.float().mean().item():.2f}")
+    assert gaps[1.0].max() > 1 and clear.float().mean() > 0.75
+    assert gaps[1e-6][clear].max() < 1e-6
 
 
 @pytest.mark.parametrize("defense", ["none", "squeeze", "pixeldefend", "adaptive"])
@@ -194,9 +207,11 @@ def test_a_surrogate_returns_its_defenses_output(defense, fmnist_samples):
     """Forward, a surrogate is its defense exactly; backward it has a gradient (BPDA-soft's
     straight-through): through soft Algorithm 1 for PixelDefend, which is what the gradient
     of soft_batch gives."""
-    images = fmnist_samples[0][:4, :8, :8]
+    images = fmnist_samples[0][:4, 10:18, 10:18]
     model = tiny_pixelcnn(1)
-    threshold = float(np.median(bits_per_dim(model, images)))  # two purified, two left alone
+    bpd = np.sort(bits_per_dim(model, images))
+    assert bpd[1] < bpd[2]
+    threshold = float(bpd[1:3].mean())  # two purified, two left alone
     exact = purify.defender(model, defense, 16, threshold=threshold)(images)
     x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).float().requires_grad_(True)
     out = purify.surrogate(model, defense, 16, threshold=threshold, tau=0.5)(x)
