@@ -17,7 +17,8 @@ from PIL import Image
 from pdray import attacks, data, purify, zoo
 from pdray.classifiers import predict
 from pdray.cluster import torch_device
-from pdray.config import check_eps, classifier_name
+from pdray.config import (PROBE_EPS_ATTACK, VALIDATION_IMAGES, check_eps, classifier_name,
+                          eps_defend_for)
 from pdray.errors import PdrayError
 from pdray.pixelcnn import bits_per_dim
 from pdray.pixels import to_nchw, to_nhwc
@@ -62,9 +63,9 @@ def kept(purified: np.ndarray, purified_clean: np.ndarray, x: np.ndarray, clean:
     return float((moved * delta).sum() / max((delta * delta).sum(), 1e-12))
 
 
-def probe(pixelcnn, classifier, images: np.ndarray, labels: np.ndarray, *, eps_attack: int = 8,
-          eps_defend: int = 16, inputs: tuple[str, ...] = ("clean", "fgsm", "bim"),
-          batch_size: int = 64) -> list[dict]:
+def probe(pixelcnn, classifier, images: np.ndarray, labels: np.ndarray, *,
+          eps_defend: int, eps_attack: int = PROBE_EPS_ATTACK,
+          inputs: tuple[str, ...] = ("clean", "fgsm", "bim"), batch_size: int = 64) -> list[dict]:
     """Where purification takes each kind of input, one row per input kind: accuracy
     before and after, bits/dim before and after, mean |purified - clean| in levels, the
     share of sub-pixels that end on the edge of the eps_defend ball, the share decided by
@@ -111,12 +112,14 @@ def load_density(pixelcnn: str, last_weights: bool = False):
     return zoo.build({**ckpt, "state_dict": ckpt["train_model"]}).to(torch_device())
 
 
-def run(dataset: str, pixelcnn: str, classifier: str | None = None, *, n_images: int = 256,
-        jpeg_quality: int = 0, eps_attack: int = 8, eps_defend: int = 16, last_weights: bool = False,
+def run(dataset: str, pixelcnn: str, classifier: str | None = None, *,
+        n_images: int = VALIDATION_IMAGES, jpeg_quality: int = 0,
+        eps_attack: int = PROBE_EPS_ATTACK, eps_defend: int | None = None, last_weights: bool = False,
         data_dir=None) -> list[dict]:
     """``probe`` on the first ``n_images`` validation images (the held-out tail of the
     training split: never tune on the test set), optionally JPEG-compressed first."""
-    check_eps(eps_attack), check_eps(eps_defend, "eps_defend")  # before any work
+    check_eps(eps_attack)
+    eps_defend = eps_defend_for(dataset, eps_defend)  # both before any work
     d = data.load(dataset, data_dir)
     split = d.validation
     if not 1 <= n_images <= len(split.labels):

@@ -105,6 +105,13 @@ def eps_defend_for(dataset: str | Dataset, eps_defend: int | None = None) -> int
                      "eps_defend")
 
 
+# The smaller commands' defaults (pdray detect, ablate, adaptive-threshold, models evaluate).
+PROBE_EPS_ATTACK = 8        # the eps_attack both datasets' tables share
+DETECT_IMAGES = 500         # first N test images that Claim 1's detection attacks and scores
+VALIDATION_IMAGES = 256     # first N validation images (adaptive's threshold, the ablation)
+METRIC_IMAGES = 1000        # first N test images a shipped model's metric is recomputed on
+
+
 # ---- the shipped models' names -------------------------------------------------------------
 
 def classifier_name(dataset: str | Dataset, arch: str = Arch.RESNET.value,
