@@ -17,8 +17,8 @@ import numpy as np
 from pdray import attacks, data, purify, zoo
 from pdray.classifiers import predict
 from pdray.cluster import torch_device
-from pdray.config import (PAPER_ATTACKS, VALIDATION_IMAGES, classifier_name, eps_attack_for, eps_defend_for,
-                          parse_attack, parse_dataset, pixelcnn_name)
+from pdray.config import (PAPER_ATTACKS, VALIDATION_IMAGES, classifier_name, eps_attack_for,
+                          eps_defend_for, parse_attack, parse_dataset, pixelcnn_name)
 from pdray.errors import PdrayError
 from pdray.pixelcnn import bits_per_dim
 

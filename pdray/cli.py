@@ -15,9 +15,9 @@ from typing import Optional
 import typer
 
 from pdray.config import (DEFENSES, DETECT_IMAGES, EPS_ATTACK, EPS_DEFEND, METRIC_IMAGES,
-                          PAPER_ATTACKS, PROBE_EPS_ATTACK, VALIDATION_IMAGES, Arch, Attack,
-                          ClassifierConfig, Dataset, EvalConfig, Method, PixelCNNConfig, Recipe,
-                          RunOptions, Scaling, choices, defaults)
+                          PAPER_ATTACKS, PROBE_ATTACKS, PROBE_EPS_ATTACK, VALIDATION_IMAGES, Arch,
+                          Attack, ClassifierConfig, Dataset, EvalConfig, Method, PixelCNNConfig,
+                          Recipe, RunOptions, Scaling, choices, defaults)
 from pdray.errors import PdrayError, parse_choice
 
 EVAL = defaults(EvalConfig)
@@ -212,6 +212,8 @@ def ablate_cmd(dataset: str = typer.Option(..., "--dataset"),
                                             help="First N validation images."),
                jpeg_quality: int = typer.Option(0, "--jpeg-quality", min=0, max=100,
                                                 help="JPEG-compress the images first; 0: off."),
+               attacks: str = typer.Option(",".join(PROBE_ATTACKS), "--attacks",
+                                           help="Comma list of the attacks to probe with."),
                eps_attack: int = typer.Option(PROBE_EPS_ATTACK, "--eps-attack"),
                eps_defend: Optional[int] = typer.Option(
                    None, "--eps-defend", help=f"Default: the paper's ({PAPER_EPS_DEFEND})."),
@@ -223,6 +225,7 @@ def ablate_cmd(dataset: str = typer.Option(..., "--dataset"),
     from pdray import ablation
 
     emit(ablation.run(dataset, pixelcnn, classifier, n_images=n_images, jpeg_quality=jpeg_quality,
+                      attack_names=tuple(_list(attacks)),
                       eps_attack=eps_attack, eps_defend=eps_defend, last_weights=last_weights,
                       data_dir=data_dir), as_json)
 

@@ -107,6 +107,7 @@ def eps_defend_for(dataset: str | Dataset, eps_defend: int | None = None) -> int
 
 # The smaller commands' defaults (pdray detect, ablate, adaptive-threshold, models evaluate).
 PROBE_EPS_ATTACK = 8        # the eps_attack both datasets' tables share
+PROBE_ATTACKS = (Attack.FGSM.value, Attack.BIM.value)  # the ablation's, by default
 DETECT_IMAGES = 500         # first N test images that Claim 1's detection attacks and scores
 VALIDATION_IMAGES = 256     # first N validation images (adaptive's threshold, the ablation)
 METRIC_IMAGES = 1000        # first N test images a shipped model's metric is recomputed on

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from pdray import ablation, train, zoo
+from pdray.errors import PdrayError
 from conftest import tiny_classifier, tiny_pixelcnn
 
 
@@ -28,6 +29,7 @@ def test_probe_reports_where_purification_goes(fmnist_samples):
         assert r["bpd_after"] == pytest.approx(r["bpd_before"])
     assert untouched[0]["input_to_clean"] == 0 and untouched[1]["input_to_clean"] > 0
     assert untouched[1]["perturbation_kept"] == pytest.approx(1.0)  # nothing purified away
+    assert 0.0 <= untouched[1]["auc_vs_clean"] <= 1.0 and "auc_vs_clean" not in untouched[0]
     anywhere = ablation.probe(pixelcnn, classifier, images, labels, eps_defend=255,
                               inputs=("fgsm",))[0]
     # The whole range is feasible: every value is the model's mode, whatever the input was.
@@ -50,3 +52,9 @@ def test_mixture_head_on_jpeg_data_trains_and_its_state_loads(ray_local, tmp_pat
     assert model.config.head == "mixture" and ckpt["kind"] == "pixelcnn"
     last = ablation.load_density(str(state), last_weights=True)
     assert not torch.equal(last.head.weights.weight, model.head.weights.weight)  # not the average
+
+
+def test_ablate_refuses_bpda_and_unknown_attacks_before_any_work(tmp_path):
+    for names, message in [(("fgsm", "bpda"), "BPDA"), (("fgsn",), "attack")]:
+        with pytest.raises(PdrayError, match=message):  # an empty folder: no data was read
+            ablation.run("fmnist", "fmnist-pixelcnn", attack_names=names, data_dir=tmp_path)
