@@ -381,6 +381,10 @@ def train_pixelcnn(
         noise: float = typer.Option(PIXELCNN["noise"], "--noise", min=0.0, max=64.0,
                                     help="Gaussian noise of this std (levels) on every training "
                                          "batch; test bits/dim stay on clean images. 0: off."),
+        context_noise: float = typer.Option(
+            PIXELCNN["context_noise"], "--context-noise", min=0.0, max=64.0,
+            help="Gaussian noise of this std (levels) on what each sub-pixel is conditioned on, "
+                 "the targets clean. 0: off."),
         data_dir: Optional[Path] = DataDir,
         resume_from: Optional[Path] = ResumeFrom, workers: int = Workers,
         cpus_per_worker: int = CpusPerWorker, gpu: bool = Gpu, runs_dir: Path = RunsDir,
@@ -392,7 +396,7 @@ def train_pixelcnn(
                          logistic=logistic, head=head, mixtures=mixtures, compile=compile,
                          steps=steps, batch_size=batch_size, lr=lr, grad_clip=grad_clip,
                          report_every=report_every, eval_images=eval_images,
-                         jpeg_quality=jpeg_quality, noise=noise,
+                         jpeg_quality=jpeg_quality, noise=noise, context_noise=context_noise,
                          data_dir=str(data_dir) if data_dir else None,
                          resume_from=str(resume_from) if resume_from else None)
     emit(train.train_pixelcnn(cfg, _scaling(workers, cpus_per_worker, gpu, runs_dir), ship=ship),

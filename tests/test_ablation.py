@@ -42,9 +42,9 @@ def test_mixture_head_on_jpeg_data_trains_and_its_state_loads(ray_local, tmp_pat
     """The ablation's knobs go through the real training loop, and a training
     state loads as the model it would ship (its averaged weights)."""
     cfg = train.PixelCNNConfig(dataset="fmnist", filters=8, blocks=1, head="mixture", mixtures=2,
-                               jpeg_quality=44, noise=4.0, steps=2, batch_size=8, compile=False,
-                               report_every=2, eval_images=8)
-    assert cfg.name == "fmnist-pixelcnn-mixture-jpeg44-noise4"  # its own run folder and model name
+                               jpeg_quality=44, noise=4.0, context_noise=4.0, steps=2,
+                               batch_size=8, compile=False, report_every=2, eval_images=8)
+    assert cfg.name == "fmnist-pixelcnn-mixture-jpeg44-noise4-ctxnoise4"  # its own run folder
     result = train.train_pixelcnn(cfg, train.Scaling(runs_dir=str(tmp_path)))
     assert result["metrics"]["step"] == 2 and result["metrics"]["test_bpd"] > 0
     state = sorted((tmp_path / cfg.name).glob("checkpoint_*/state.pt"))[-1]
