@@ -86,7 +86,8 @@ def probe(pixelcnn, classifier, images: np.ndarray, labels: np.ndarray, *,
         purified, bpd_after = clean_out if kind == "clean" else purified_of(x)
         moved = np.abs(purified.astype(np.int16) - x.astype(np.int16))
         bpd_before = bpd_clean if kind == "clean" else bits_per_dim(pixelcnn, x)
-        free = model_modes(pixelcnn, purified) == purified
+        modes = model_modes(pixelcnn, purified)
+        free = modes == purified
         rows.append({
             "input": kind, "eps_attack": 0 if kind == "clean" else eps_attack,
             "eps_defend": eps_defend, "n_images": len(images),
@@ -98,7 +99,14 @@ def probe(pixelcnn, classifier, images: np.ndarray, labels: np.ndarray, *,
             "purified_to_clean": float(np.abs(purified.astype(np.int16) - images).mean()),
             "edge_fraction": float((moved == eps_defend).mean()),
             "model_decided_fraction": float(free.mean()),
+            # Where the model wants each sub-pixel given the purified past (what Algorithm 1
+            # asks it), in levels from the clean image; for the clean row also given the
+            # clean past: the gap between the two is the greedy chain's drift.
+            "mode_to_clean": float(np.abs(modes.astype(np.int16) - images).mean()),
         })
+        if kind == "clean":
+            teacher = model_modes(pixelcnn, images).astype(np.int16)
+            rows[-1]["mode_to_clean_given_clean_past"] = float(np.abs(teacher - images).mean())
         if kind != "clean":
             rows[-1]["perturbation_kept"] = kept(purified, purified_clean, x, images)
             rows[-1]["kept_where_model_decided"] = kept(purified, purified_clean, x, images, free)

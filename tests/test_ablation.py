@@ -30,6 +30,8 @@ def test_probe_reports_where_purification_goes(fmnist_samples):
     assert untouched[0]["input_to_clean"] == 0 and untouched[1]["input_to_clean"] > 0
     assert untouched[1]["perturbation_kept"] == pytest.approx(1.0)  # nothing purified away
     assert 0.0 <= untouched[1]["auc_vs_clean"] <= 1.0 and "auc_vs_clean" not in untouched[0]
+    # Nothing purified: the model sees the clean past in the clean row either way.
+    assert untouched[0]["mode_to_clean"] == untouched[0]["mode_to_clean_given_clean_past"]
     anywhere = ablation.probe(pixelcnn, classifier, images, labels, eps_defend=255,
                               inputs=("fgsm",))[0]
     # The whole range is feasible: every value is the model's mode, whatever the input was.
