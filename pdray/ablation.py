@@ -107,7 +107,7 @@ def probe(pixelcnn, classifier, images: np.ndarray, labels: np.ndarray, *,
         if kind == "clean":
             teacher = model_modes(pixelcnn, images).astype(np.int16)
             rows[-1]["mode_to_clean_given_clean_past"] = float(np.abs(teacher - images).mean())
-        if kind != "clean":
+        else:
             rows[-1]["perturbation_kept"] = kept(purified, purified_clean, x, images)
             rows[-1]["kept_where_model_decided"] = kept(purified, purified_clean, x, images, free)
             rows[-1]["auc_vs_clean"] = roc(bpd_clean, bpd_before)[2]

@@ -221,7 +221,7 @@ def ablate_cmd(dataset: str = typer.Option(..., "--dataset"),
                                                  help="A training state's last weights, not their average."),
                data_dir: Optional[Path] = DataDir,
                as_json: bool = AsJson):
-    """Where purification takes clean, FGSM and BIM validation images (pdray.ablation)."""
+    """Where purification takes clean and attacked validation images (pdray.ablation)."""
     from pdray import ablation
 
     emit(ablation.run(dataset, pixelcnn, classifier, n_images=n_images, jpeg_quality=jpeg_quality,
