@@ -200,7 +200,7 @@ def adaptive_threshold_cmd(dataset: str = typer.Option(..., "--dataset"),
     from pdray import adaptive
 
     emit(adaptive.choose_threshold(dataset, classifier, None, eps_defend, _list(attacks),
-                                   _list(eps_attack, float), n_images, data_dir), as_json)
+                                   _list(eps_attack, float, "--eps-attack"), n_images, data_dir), as_json)
 
 
 @app.command("ablate")
@@ -230,8 +230,13 @@ def ablate_cmd(dataset: str = typer.Option(..., "--dataset"),
                       data_dir=data_dir), as_json)
 
 
-def _list(value: Optional[str], cast=str):
-    return [cast(v.strip()) for v in value.split(",") if v.strip()] if value else None
+def _list(value: Optional[str], cast=str, option: str = "a list option"):
+    """A comma list, each item cast; a bad item is one error, not a traceback."""
+    try:
+        return [cast(v.strip()) for v in value.split(",") if v.strip()] if value else None
+    except ValueError:
+        raise PdrayError(f"{option} takes a comma list of {cast.__name__} values (e.g. "
+                         f"{'1,2,4' if cast is int else '2,8,16'}); got {value!r}.") from None
 
 
 @app.command("eval")
@@ -283,7 +288,7 @@ def eval_cmd(dataset: str = typer.Option(EVAL["dataset"], "--dataset", help=choi
 
     cfg = EvalConfig(
         dataset=dataset, n_images=n_images, shards=shards, attacks=_list(attacks),
-        eps_attack=_list(eps_attack, float), eps_defend=eps_defend,
+        eps_attack=_list(eps_attack, float, "--eps-attack"), eps_defend=eps_defend,
         classifiers=_list(classifiers), pixelcnn=pixelcnn, defenses=_list(defenses),
         adaptive_threshold=adaptive_threshold, seed=seed, save_images=save_images,
         cw_steps=cw_steps, cw_binary_search_steps=cw_binary_search_steps,
@@ -318,7 +323,7 @@ def bench_pipeline(dataset: str = typer.Option(EVAL["dataset"], "--dataset"),
     from pdray import bench
 
     emit(bench.bench_pipeline(dataset, n_images, shards, tuple(_list(attacks)),
-                              tuple(_list(eps_attack, float)), data_dir=data_dir), as_json)
+                              tuple(_list(eps_attack, float, "--eps-attack")), data_dir=data_dir), as_json)
 
 
 def _scaling(workers: int, cpus_per_worker: int, gpu: bool, runs_dir: Path) -> Scaling:
@@ -365,6 +370,10 @@ def train_pixelcnn(
                                       "discretized mixture of logistics, binned to 256."),
         mixtures: int = typer.Option(PIXELCNN["mixtures"], "--mixtures", min=1,
                                      help="Logistics in the mixture head."),
+        dilations: str = typer.Option("", "--dilations",
+                                      help="One per block, e.g. 1,2,4,8,1,2: the stream that "
+                                           "sees the rows above looks that many rows up and "
+                                           "columns aside per layer. Default: all 1."),
         compile: bool = typer.Option(PIXELCNN["compile"], "--compile/--no-compile",
                                      help="torch.compile the training forward."),
         steps: int = typer.Option(PIXELCNN["steps"], "--steps",
@@ -393,7 +402,8 @@ def train_pixelcnn(
     from pdray import train
 
     cfg = PixelCNNConfig(dataset=dataset, filters=filters, blocks=blocks, dropout=dropout,
-                         logistic=logistic, head=head, mixtures=mixtures, compile=compile,
+                         logistic=logistic, head=head, mixtures=mixtures,
+                         dilations=tuple(_list(dilations, int, "--dilations") or ()), compile=compile,
                          steps=steps, batch_size=batch_size, lr=lr, grad_clip=grad_clip,
                          report_every=report_every, eval_images=eval_images,
                          jpeg_quality=jpeg_quality, noise=noise, context_noise=context_noise,

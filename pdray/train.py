@@ -183,7 +183,8 @@ def model_config(cfg: PixelCNNConfig) -> pixelcnn.Config:
     """The PixelCNN a training config builds."""
     return pixelcnn.Config(channels=data.SHAPE[data.Dataset(cfg.dataset)][2],
                            filters=cfg.filters, blocks=cfg.blocks, dropout=cfg.dropout,
-                           logistic=cfg.logistic, head=cfg.head, mixtures=cfg.mixtures)
+                           logistic=cfg.logistic, head=cfg.head, mixtures=cfg.mixtures,
+                           dilations=cfg.dilations)
 
 
 def pixelcnn_loop(config: dict) -> None:
