@@ -10,7 +10,10 @@ Design, and why:
   padding, not from masked weights.
 - One resolution, no down/up-sampling. Every layer then advances one pixel per
   decoding step, so exact incremental decoding (``Decoder``) caches two rows per
-  convolution and nothing else; depth provides the receptive field.
+  convolution and nothing else; depth provides the receptive field. ``dilations`` widen
+  the ``u`` stream's (the rows above) instead: a block of dilation d looks d rows up and
+  d columns aside, so (1, 2, 4, 8, 1, 2) sees the whole of a 32x32 image above the pixel
+  for the same work per step, and the decoder keeps d rows per convolution.
 - The network runs once per pixel position and produces features ``h``. A small head
   turns ``h`` into the 256-way conditional of each channel, taking the already-decided
   channel values as input (G sees R; B sees R and G), as in the authors' code. So a
@@ -53,6 +56,16 @@ class Config:
     logistic: bool = False   # the free head's logistic logit term; False for weights trained before it
     head: str = Head.FREE.value  # "free" (ChannelHead) or "mixture" (MixtureHead)
     mixtures: int = 10       # logistics in the mixture head (PixelCNN++: 10)
+    dilations: tuple = ()    # per u-stream block (len == blocks); () is all 1
+
+    def __post_init__(self):
+        self.dilations = tuple(int(d) for d in self.dilations)  # a list, once saved and loaded
+        if self.dilations and (len(self.dilations) != self.blocks or min(self.dilations) < 1):
+            raise ValueError(f"dilations {self.dilations}: one positive integer per block "
+                             f"({self.blocks}) expected")
+
+    def dilation(self, block: int) -> int:
+        return self.dilations[block] if self.dilations else 1
 
 
 def down_shift(x):  # (B, C, H, W): row i takes row i-1's values, row 0 zeros
@@ -68,14 +81,15 @@ def concat_elu(x):  # (B, C, ...) -> (B, 2C, ...)
 
 
 class DownShiftedConv2d(nn.Conv2d):
-    """Output (i, j) sees input rows i-kh+1..i and columns j-kw//2..j+kw//2."""
+    """Output (i, j) sees input rows i-kh+1..i and columns j-kw//2..j+kw//2, each step
+    ``dilation`` apart."""
 
-    def __init__(self, c_in: int, c_out: int, kernel=(2, 3)):
-        super().__init__(c_in, c_out, kernel)
+    def __init__(self, c_in: int, c_out: int, kernel=(2, 3), dilation: int = 1):
+        super().__init__(c_in, c_out, kernel, dilation=dilation)
 
     def forward(self, x):
-        kh, kw = self.kernel_size
-        return super().forward(F.pad(x, (kw // 2, kw // 2, kh - 1, 0)))
+        (kh, kw), d = self.kernel_size, self.dilation[0]
+        return super().forward(F.pad(x, (kw // 2 * d, kw // 2 * d, (kh - 1) * d, 0)))
 
 
 class DownRightShiftedConv2d(nn.Conv2d):
@@ -93,12 +107,12 @@ class GatedResnet(nn.Module):
     """x + a * sigmoid(b), where (a, b) come from two shifted convolutions of x and,
     for the ``ul`` stream, a 1x1 projection of the ``u`` stream at the same position."""
 
-    def __init__(self, filters: int, conv: type, aux: bool, dropout: float):
+    def __init__(self, filters: int, conv: type, aux: bool, dropout: float, **conv_args):
         super().__init__()
-        self.conv1 = conv(2 * filters, filters)
+        self.conv1 = conv(2 * filters, filters, **conv_args)
         self.aux = nn.Conv2d(2 * filters, filters, 1) if aux else None
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = conv(2 * filters, 2 * filters)
+        self.conv2 = conv(2 * filters, 2 * filters, **conv_args)
 
     def forward(self, x, a=None):  # (B, F, H, W)
         c = self.conv1(concat_elu(x))
@@ -158,8 +172,8 @@ class ChannelHead(nn.Module):
         values = [x[:, k] for k in range(x.shape[1])]
         return torch.stack([self.channel(h, c, values[:c]) for c in range(len(self.out))], dim=1)
 
-    def log_prob(self, h, x):  # -> (B, C, H, W) nats of each observed sub-pixel
-        logp = F.log_softmax(self.forward(h, x), dim=-1)
+    def log_prob(self, h, x, context=None):  # -> (B, C, H, W) nats of each observed sub-pixel
+        logp = F.log_softmax(self.forward(h, x if context is None else context), dim=-1)
         return logp.gather(-1, x.unsqueeze(-1)).squeeze(-1)
 
 
@@ -218,12 +232,13 @@ class MixtureHead(nn.Module):
         values = [x[:, k] for k in range(x.shape[1])]
         return torch.stack([self.channel(h, c, values[:c]) for c in range(len(self.params))], dim=1)
 
-    def log_prob(self, h, x):  # -> (B, C, H, W) nats of each observed sub-pixel
-        values = [x[:, k] for k in range(x.shape[1])]
+    def log_prob(self, h, x, context=None):  # -> (B, C, H, W) nats of each observed sub-pixel
+        context = x if context is None else context
+        previous = [context[:, k] for k in range(x.shape[1])]
         out = []
         for c in range(len(self.params)):
-            log_w, mean, log_scale = self._components(h, c, values[:c])
-            lower, upper = (e.to(h.dtype).unsqueeze(-1) for e in _edges(values[c]))
+            log_w, mean, log_scale = self._components(h, c, previous[:c])
+            lower, upper = (e.to(h.dtype).unsqueeze(-1) for e in _edges(x[:, c]))
             logp = discretized_logistic_log_prob(lower, upper, mean, log_scale)  # (B, H, W, K)
             out.append(torch.logsumexp(log_w + logp, dim=-1))
         return torch.stack(out, dim=1)
@@ -249,7 +264,8 @@ class PixelCNN(nn.Module):
         self.ul_init_up = DownShiftedConv2d(c + 1, f, (1, 3))
         self.ul_init_left = DownRightShiftedConv2d(c + 1, f, (2, 1))
         self.u_blocks = nn.ModuleList(
-            GatedResnet(f, DownShiftedConv2d, False, config.dropout) for _ in range(config.blocks))
+            GatedResnet(f, DownShiftedConv2d, False, config.dropout, dilation=config.dilation(k))
+            for k in range(config.blocks))
         self.ul_blocks = nn.ModuleList(
             GatedResnet(f, DownRightShiftedConv2d, True, config.dropout) for _ in range(config.blocks))
         self.head = (MixtureHead(f, c, config.mixtures) if Head(config.head) is Head.MIXTURE
@@ -274,13 +290,16 @@ class PixelCNN(nn.Module):
         h = self.features(x).permute(0, 2, 3, 1)  # (B, H, W, F)
         return self.head(h, x)
 
-    def log_prob(self, x):  # (B, C, H, W) 0..255 -> (B,) log p(x) in nats
+    def log_prob(self, x, context=None):  # (B, C, H, W) 0..255 -> (B,) log p(x) in nats
+        """``context``: what each sub-pixel is conditioned on, if not ``x`` itself (training
+        with noise on the context only: predict the clean value from a perturbed past)."""
         x = x.long()
-        h = self.features(x).permute(0, 2, 3, 1)
-        return self.head.log_prob(h, x).flatten(1).sum(1)
+        context = x if context is None else context.long()
+        h = self.features(context).permute(0, 2, 3, 1)
+        return self.head.log_prob(h, x, context).flatten(1).sum(1)
 
-    def bpd(self, x):  # (B, C, H, W) -> (B,) bits per dimension
-        return bpd_from_log_prob(self.log_prob(x), x[0].numel())
+    def bpd(self, x, context=None):  # (B, C, H, W) -> (B,) bits per dimension
+        return bpd_from_log_prob(self.log_prob(x, context), x[0].numel())
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -346,10 +365,11 @@ class _ConvCache:
 
 def _row_conv(conv: nn.Conv2d, prev, cur):
     """A down-shifted (2 x kw) convolution evaluated for one whole row: prev and cur are
-    the input's rows i-1 and i, (B, C, W); the output row is (B, C_out, W)."""
-    kw = conv.kernel_size[1]
+    the input's rows i-d and i (d its dilation), (B, C, W); the output row is (B, C_out, W)."""
+    kw, d = conv.kernel_size[1], conv.dilation[1]
     strip = torch.stack([prev, cur], dim=2)  # (B, C, 2, W)
-    return F.conv2d(F.pad(strip, (kw // 2, kw // 2, 0, 0)), conv.weight, conv.bias)[:, :, 0]
+    return F.conv2d(F.pad(strip, (kw // 2 * d, kw // 2 * d, 0, 0)), conv.weight, conv.bias,
+                    dilation=(1, d))[:, :, 0]
 
 
 class Decoder:
@@ -373,9 +393,10 @@ class Decoder:
         self.dt = dt = model.u_init.weight.dtype
         f, c = model.config.filters, model.config.channels
         zeros_row = torch.zeros(batch, c + 1, width, dtype=dt, device=device)
-        # u stream: the previous row of every convolution's input, (B, 2F, W).
-        self.u_prev = [[torch.zeros(batch, 2 * f, width, dtype=dt, device=device) for _ in range(2)]
-                       for _ in model.u_blocks]
+        # u stream: the last d rows of every convolution's input, oldest first, (B, 2F, W).
+        zeros_u = torch.zeros(batch, 2 * f, width, dtype=dt, device=device)
+        self.u_prev = [[[zeros_u] * model.config.dilation(k) for _ in range(2)]
+                       for k in range(len(model.u_blocks))]
         # ul stream: position-by-position caches of every convolution.
         self.left = _ConvCache(model.ul_init_left, batch, width, zeros_row)
         self.ul_caches = [(_ConvCache(blk.conv1, batch, width, zeros_row),
@@ -403,11 +424,10 @@ class Decoder:
         self.aux = []
         for blk, ul_blk, cache in zip(model.u_blocks, model.ul_blocks, self.u_prev):
             cu = concat_elu(u)
-            c1 = _row_conv(blk.conv1, cache[0], cu)
-            cache[0] = cu
-            c1 = concat_elu(c1)
-            c2 = _row_conv(blk.conv2, cache[1], c1)
-            cache[1] = c1
+            c1 = concat_elu(_row_conv(blk.conv1, cache[0].pop(0), cu))
+            cache[0].append(cu)
+            c2 = _row_conv(blk.conv2, cache[1].pop(0), c1)
+            cache[1].append(c1)
             ga, gb = c2.chunk(2, dim=1)
             u = u + ga * torch.sigmoid(gb)
             self.aux.append(F.conv1d(concat_elu(u), ul_blk.aux.weight[..., 0],

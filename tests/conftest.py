@@ -198,7 +198,8 @@ def tiny_classifier(channels: int, seed: int = 0):
 
 
 def tiny_pixelcnn(channels: int, seed: int = 0, filters: int = 8, blocks: int = 2,
-                  logistic: bool | None = None, head: str = "free", mixtures: int = 3):
+                  logistic: bool | None = None, head: str = "free", mixtures: int = 3,
+                  dilations: tuple = ()):
     """A small random PixelCNN whose conditionals are far from flat. ``logistic`` defaults
     to the shipped models' head: without the logistic term for Fashion-MNIST, with it for
     CIFAR-10."""
@@ -207,7 +208,7 @@ def tiny_pixelcnn(channels: int, seed: int = 0, filters: int = 8, blocks: int = 
     torch.manual_seed(seed)
     logistic = channels == 3 if logistic is None else logistic
     model = PixelCNN(Config(channels=channels, filters=filters, blocks=blocks, logistic=logistic,
-                            head=head, mixtures=mixtures)).eval()
+                            head=head, mixtures=mixtures, dilations=dilations)).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))

@@ -105,6 +105,15 @@ def test_unknown_recipe_is_a_clear_error(tmp_path):
     assert_clean_error(r, "Unknown recipe")
 
 
+@pytest.mark.parametrize("dilations,words", [("1,2", ["one positive integer per block"]),
+                                             ("1,a,2", ["comma list of int"])])
+def test_bad_dilations_are_a_clear_error(dilations, words, tmp_path):
+    r = pdray("train", "pixelcnn", "--blocks", "3", "--dilations", dilations, "--runs-dir",
+              str(tmp_path), check=False)
+    assert_clean_error(r, *words)
+    assert sorted(tmp_path.iterdir()) == []
+
+
 EVAL = ["eval", "--dataset", "fmnist", "--n-images", "2", "--shards", "1", "--attacks", "fgsm",
         "--eps-attack", "8", "--no-report"]
 
@@ -112,6 +121,7 @@ EVAL = ["eval", "--dataset", "fmnist", "--n-images", "2", "--shards", "1", "--at
 @pytest.mark.parametrize("args,words", [
     (["--attacks", "jsma"], ["Unknown attack 'jsma'"]),
     (["--eps-attack", "300"], ["0..255"]),
+    (["--eps-attack", "8,x"], ["--eps-attack takes a comma list of float"]),
     (["--eps-defend", "-3"], ["eps_defend"]),
     (["--classifiers", "fmnist-vgg-normal"], ["No shipped model named 'fmnist-vgg-normal'"]),
     (["--shard", "5"], ["--shard must be in 0..0"]),

@@ -13,12 +13,14 @@ HEADS = [(1, False, "free"), (1, True, "free"), (3, False, "free"), (3, True, "f
          (1, False, "mixture"), (3, False, "mixture")]
 
 
-@pytest.mark.parametrize("channels,logistic,head", HEADS)
-def test_causality(channels, logistic, head):
+@pytest.mark.parametrize("channels,logistic,head,dilations",
+                         [(*h, ()) for h in HEADS] + [(3, True, "free", (2, 3))])
+def test_causality(channels, logistic, head, dilations):
     """The conditional of sub-pixel i does not change when any sub-pixel at or after i
     changes, for every i; and it does depend on earlier sub-pixels. Each sub-pixel in
     turn: redraw it and everything after it, compare all conditionals up to it."""
-    model = tiny_pixelcnn(channels, filters=8, blocks=2, logistic=logistic, head=head).double()
+    model = tiny_pixelcnn(channels, filters=8, blocks=2, logistic=logistic, head=head,
+                          dilations=dilations).double()
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (1, channels, 6, 5), generator=g)
     with torch.no_grad():
@@ -83,3 +85,38 @@ def test_mixture_head_is_smooth_and_conditions_on_decided_channels():
     diffs = torch.diff(g[:, 1:255], dim=-1)
     for row, m in zip(diffs, modes - 1):
         assert torch.all(row[:m] > 0) and torch.all(row[m + 1:] < 0)
+
+
+@pytest.mark.parametrize("head", ["free", "mixture"])
+def test_log_prob_scores_x_given_the_context_it_is_given(head):
+    """Context-noise training scores the clean sub-pixels conditioned on a perturbed past:
+    the context moves every conditional, including the channels' own (G given R), while
+    the values scored stay x's; without a context it is x's own likelihood."""
+    model = tiny_pixelcnn(3, logistic=True, head=head).double()
+    x = torch.randint(0, 256, (2, 3, 4, 4), generator=torch.Generator().manual_seed(2))
+    context = (x + torch.randint(-8, 9, x.shape)).clamp(0, 255)
+    with torch.no_grad():
+        assert torch.equal(model.log_prob(x, x), model.log_prob(x))
+        logp = torch.log_softmax(model(context), -1).gather(-1, x[..., None]).squeeze(-1)
+        assert torch.allclose(model.log_prob(x, context), logp.flatten(1).sum(1), rtol=1e-12)
+        assert not torch.allclose(model.log_prob(x, context), model.log_prob(x))
+
+
+def test_dilations_widen_the_receptive_field_above():
+    """Blocks of dilation (1, 2, 4) see rows that two undilated blocks cannot: the
+    conditional of the last pixel moves when the first row changes."""
+    x = torch.zeros(1, 1, 12, 4, dtype=torch.long)
+    y = x.clone()
+    y[0, 0, 0] = 255
+    with torch.no_grad():
+        for dilations, reaches in (((), False), ((1, 2, 4), True)):
+            model = tiny_pixelcnn(1, filters=8, blocks=3, dilations=dilations).double()
+            moved = (model(x)[0, 0, -1, -1] - model(y)[0, 0, -1, -1]).abs().max().item()
+            assert (moved > 1e-9) == reaches, (dilations, moved)
+
+
+def test_dilations_must_be_one_per_block():
+    from pdray.pixelcnn import Config
+    with pytest.raises(ValueError, match="one positive integer per block"):
+        Config(blocks=3, dilations=(1, 2))
+    assert Config(blocks=2, dilations=[1, 2]).dilations == (1, 2)  # as loaded from a state

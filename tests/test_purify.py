@@ -7,14 +7,17 @@ from pdray.pixelcnn import bits_per_dim
 from conftest import tiny_pixelcnn
 
 
-@pytest.mark.parametrize("channels,logistic,head", [(1, False, "free"), (3, False, "free"),
-                                                    (3, True, "free"), (1, False, "mixture"),
-                                                    (3, False, "mixture")])
-def test_fast_equals_reference_in_float64(channels, logistic, head, fmnist_samples, cifar_samples):
+@pytest.mark.parametrize("channels,logistic,head,dilations",
+                         [(1, False, "free", ()), (3, False, "free", ()), (3, True, "free", ()),
+                          (1, False, "mixture", ()), (3, False, "mixture", ()),
+                          (3, True, "free", (1, 3, 2))])
+def test_fast_equals_reference_in_float64(channels, logistic, head, dilations, fmnist_samples,
+                                          cifar_samples):
     images = (fmnist_samples if channels == 1 else cifar_samples)[0][:4, 4:14, 5:13]
     x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).long()
     eps = torch.tensor([16, 4, 0, 255])
-    model = tiny_pixelcnn(channels, filters=16, blocks=3, logistic=logistic, head=head).double()
+    model = tiny_pixelcnn(channels, filters=16, blocks=3, logistic=logistic, head=head,
+                          dilations=dilations).double()
     ref, ref_logp = purify.reference_batch(model, x, eps)
     fast, fast_logp = purify.fast_batch(model, x, eps)
     assert torch.equal(ref, fast)

@@ -47,10 +47,11 @@ def test_relative_data_dir_is_the_drivers(ray_local, tmp_path, monkeypatch):
 
 def test_pixelcnn_trains_and_resumes(ray_local, tmp_path):
     scaling = train.Scaling(runs_dir=str(tmp_path))
-    cfg = train.PixelCNNConfig(dataset="fmnist", filters=8, blocks=1, steps=2, batch_size=8,
-                               compile=False, report_every=2, eval_images=20)
+    cfg = train.PixelCNNConfig(dataset="fmnist", filters=8, blocks=2, dilations=(1, 2), steps=2,
+                               batch_size=8, compile=False, report_every=2, eval_images=20)
     first = train.train_pixelcnn(cfg, scaling)
     assert first["metrics"]["step"] == 2 and first["metrics"]["test_bpd"] > 0
+    assert cfg.name == "fmnist-pixelcnn-dil1-2"
     cfg.steps = 4
     second = train.train_pixelcnn(cfg, scaling)
     assert second["metrics"]["step"] == 4
@@ -70,6 +71,10 @@ def test_resuming_a_different_model_is_one_clear_error(tmp_path):
         train.check_resumable(cfg, scaling)
     train.check_resumable(train.PixelCNNConfig(filters=8, blocks=2, logistic=False,
                                                resume_from=str(state)), scaling)
+    with pytest.raises(PdrayError, match="different model"):  # the same, dilated
+        train.check_resumable(train.PixelCNNConfig(filters=8, blocks=2, logistic=False,
+                                                   dilations=(1, 2), resume_from=str(state)),
+                              scaling)
     state.write_bytes(b"not a checkpoint")
     with pytest.raises(PdrayError, match="Cannot read"):
         train.check_resumable(cfg, scaling)
