@@ -9,8 +9,11 @@ original pixel so that sub-level changes survive the move to integer pixels. Whe
 no adversarial example, the result is the original image. RAND is the integer uniform noise
 of Appendix A.
 
-BPDA (Athalye et al. 2018) goes beyond the paper: BIM against the classifier *behind* a
-defense, with the defense's backward pass approximated by the identity.
+The adaptive attacks go beyond the paper. They attack the classifier *behind* one defense:
+BPDA (Athalye et al. 2018) with the defense's backward pass approximated by the identity,
+BPDA-soft with the gradient of a smooth stand-in for it (for PixelDefend, soft Algorithm
+1: pdray.purify.soft_batch), both with a step-size schedule and the per-image worst case
+over random restarts.
 
 ``adversarial_batch`` is the training-time generator for adversarial training: it
 draws one eps per image (foolbox takes one eps per call) and attacks the model's own
@@ -29,9 +32,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pdray.config import Attack, check_eps, parse_attack
-from pdray.errors import PdrayError
+from pdray.config import Attack, EvalConfig, Schedule, check_eps, defaults, parse_attack
+from pdray.errors import PdrayError, parse_choice
 from pdray.pixels import check_images, to_nchw
+
+_EVAL = defaults(EvalConfig)  # the adaptive attacks' defaults, as the pipeline's
 
 
 def bim_steps(eps_attack: int) -> int:
@@ -107,19 +112,23 @@ def _found_or_original(images: np.ndarray, raw: np.ndarray, found: np.ndarray) -
     return np.where(found[:, None, None, None], raw, images.astype(np.float64))
 
 
+def _uniform_noise(shape, eps: int, seed: int, image_ids, *key: int) -> np.ndarray:
+    """Integers U{-eps, ..., eps}, one per sub-pixel of ``shape`` (N, H, W, C). With
+    ``image_ids`` each image's draw depends only on (seed, image id, eps, *key), not on its
+    batch."""
+    if image_ids is None:
+        return np.random.default_rng([seed, eps, *key]).integers(-eps, eps, size=shape,
+                                                                  endpoint=True)
+    return np.stack([np.random.default_rng([seed, int(i), eps, *key]).integers(
+        -eps, eps, size=shape[1:], endpoint=True) for i in image_ids])
+
+
 def rand(model, images, labels, eps_list, *, seed=0, image_ids=None) -> list[np.ndarray]:
     """X + U{-eps, ..., eps} per sub-pixel, clipped to valid pixels. With ``image_ids``
     each image's noise depends only on (seed, image id, eps), not on its batch."""
-    out = []
-    for eps in eps_list:
-        if image_ids is None:
-            noise = np.random.default_rng([seed, eps]).integers(
-                -eps, eps, size=images.shape, endpoint=True)
-        else:
-            noise = np.stack([np.random.default_rng([seed, int(i), eps]).integers(
-                -eps, eps, size=images.shape[1:], endpoint=True) for i in image_ids])
-        out.append(project(images, images.astype(np.int64) + noise, eps))
-    return out
+    return [project(images, images.astype(np.int64)
+                    + _uniform_noise(images.shape, eps, seed, image_ids), eps)
+            for eps in eps_list]
 
 
 def fgsm(model, images, labels, eps_list) -> list[np.ndarray]:
@@ -162,43 +171,165 @@ def cw(model, images, labels, eps_list, *, cw_steps=50,
     return [project(images, raw, e, outward=True) for e in eps_list]
 
 
+# ---- adaptive attacks: through a defense -------------------------------------------------
+
+# What an adaptive attack reads from one evaluation of the defended classifier, per image:
+# the loss, whether it is misclassified, and (when asked) the loss's gradient by the input
+# pixels, (n, H, W, C).
+Evaluate = Callable[[np.ndarray, np.ndarray, bool],
+                    tuple[np.ndarray, np.ndarray, np.ndarray | None]]
+
+
+def _loss(model: nn.Module, x: torch.Tensor, defended: torch.Tensor, labels: np.ndarray,
+          grad: bool):
+    """Cross-entropy of the classifier on ``defended`` (float NCHW 0..255), whether it is
+    wrong, and the loss's gradient by ``x`` as NHWC numpy (None unless ``grad``)."""
+    model.eval()
+    y = torch.as_tensor(labels, dtype=torch.long, device=x.device)
+    logits = model(defended.float())
+    loss = F.cross_entropy(logits, y, reduction="none")
+    g = torch.autograd.grad(loss.sum(), x)[0].cpu().numpy().transpose(0, 2, 3, 1) if grad else None
+    return (loss.detach().double().cpu().numpy(), (logits.argmax(1) != y).cpu().numpy(), g)
+
+
+def _through(model: nn.Module, defend: Callable[[np.ndarray], np.ndarray]) -> Evaluate:
+    """The classifier behind ``defend``, its backward pass taken as the identity (BPDA)."""
+    def evaluate(adv, labels, grad):
+        x = to_nchw(defend(adv.astype(np.uint8)), _device(model)).float().requires_grad_(grad)
+        return _loss(model, x, x, labels, grad)
+    return evaluate
+
+
+def _through_surrogate(model: nn.Module, surrogate: Callable[[torch.Tensor], torch.Tensor]
+                       ) -> Evaluate:
+    """The classifier behind ``surrogate``: the defense's output, a smooth stand-in's gradient."""
+    def evaluate(adv, labels, grad):
+        x = to_nchw(adv.astype(np.uint8), _device(model)).float().requires_grad_(grad)
+        with torch.set_grad_enabled(grad):
+            return _loss(model, x, surrogate(x), labels, grad)
+    return evaluate
+
+
+def _ascend(evaluate: Evaluate, x: np.ndarray, start: np.ndarray, labels: np.ndarray,
+            eps: int, steps: int, schedule: Schedule):
+    """One run of sign-gradient ascent on the loss of the defended classifier, from
+    ``start`` (int64 NHWC) inside the eps ball around ``x``: per image the first iterate
+    that is misclassified, else the one with the highest loss; and whether it was
+    misclassified, and its loss. ``steps`` steps, so steps + 1 evaluations.
+
+    Schedules, in whole levels (the defenses see integer pixels, so a step below one level
+    is rounded away): CONSTANT is BIM's, one level per step. HALVING follows APGD (Croce &
+    Hein 2020) without its momentum: it starts at eps_attack / 4 (sign steps cross the ball
+    in four) and at every tenth of the steps, where the best loss has not risen since the
+    last check, it halves the step and goes back to the best iterate. A purifier snaps
+    nearby inputs to one output, so small steps early rarely change what the classifier
+    sees; large steps first, then fine ones. An image that stalls at one level stops: from
+    the same point the same step repeats the same path."""
+    lo, hi = np.maximum(x - eps, 0), np.minimum(x + eps, 255)
+    n = len(x)
+    adv, best, best_grad = start.copy(), start.copy(), np.zeros(x.shape)
+    best_loss, checked = np.full(n, -np.inf), np.full(n, -np.inf)
+    fooled, active = np.zeros(n, bool), np.ones(n, bool)
+    alpha = np.full(n, 1 if schedule is Schedule.CONSTANT else max(1, eps // 4))
+    grad = np.zeros(x.shape)
+    check_every = max(1, steps // 10)
+    for t in range(steps + 1):
+        idx = np.nonzero(active)[0]
+        if not len(idx):
+            break
+        loss, wrong, g = evaluate(adv[idx], labels[idx], t < steps)
+        better = wrong | (loss > best_loss[idx])
+        best[idx[better]], best_loss[idx[better]] = adv[idx[better]], loss[better]
+        if g is not None:
+            grad[idx] = g
+            best_grad[idx[better]] = g[better]
+        fooled[idx[wrong]] = True
+        active[idx[wrong]] = False
+        if t == steps:
+            break
+        if schedule is Schedule.HALVING and t > 0 and t % check_every == 0:
+            stalled = active & (best_loss <= checked)
+            active &= ~(stalled & (alpha == 1))
+            back = stalled & active
+            alpha[back] = np.maximum(alpha[back] // 2, 1)
+            adv[back], grad[back] = best[back], best_grad[back]
+            checked = best_loss.copy()
+        m = np.nonzero(active)[0]
+        step = alpha[m, None, None, None] * np.sign(grad[m]).astype(np.int64)
+        adv[m] = np.clip(adv[m] + step, lo[m], hi[m])
+    return best, fooled, best_loss
+
+
+def _restarts(evaluate: Evaluate, images: np.ndarray, labels: np.ndarray, eps: int, steps: int,
+              restarts: int, schedule: Schedule, seed: int, image_ids) -> np.ndarray:
+    """The per-image worst case over ``restarts`` runs of ``_ascend``: the first run from
+    the clean image (plain BPDA), the others from uniform points of the eps ball (seeded per
+    image, as RAND is). An image keeps the first run whose defended image is misclassified,
+    else the run with the highest loss; once fooled it is not attacked again."""
+    x = images.astype(np.int64)
+    lo, hi = np.maximum(x - eps, 0), np.minimum(x + eps, 255)
+    out, loss, fooled = x.copy(), np.full(len(x), -np.inf), np.zeros(len(x), bool)
+    for r in range(restarts):
+        todo = np.nonzero(~fooled)[0]
+        if not len(todo):
+            break
+        start = x if r == 0 else np.clip(x + _uniform_noise(x.shape, eps, seed, image_ids, r),
+                                         lo, hi)
+        adv, wrong, adv_loss = _ascend(evaluate, x[todo], start[todo], labels[todo], eps, steps,
+                                       schedule)
+        keep = wrong | (adv_loss > loss[todo])
+        out[todo[keep]], loss[todo[keep]] = adv[keep], adv_loss[keep]
+        fooled[todo[wrong]] = True
+    return out.astype(np.uint8)
+
+
+def _adaptive(evaluate: Evaluate, images, labels, eps_list, steps: int, restarts: int,
+              schedule, seed: int, image_ids) -> list[np.ndarray]:
+    schedule = parse_choice(Schedule, schedule, "BPDA schedule")
+    if steps < 1 or restarts < 1:
+        raise PdrayError(f"bpda_steps and bpda_restarts must be at least 1; got {steps} and "
+                         f"{restarts}.")
+    return [_restarts(evaluate, images, labels, eps, steps, restarts, schedule, seed, image_ids)
+            for eps in eps_list]
+
+
 def bpda(model, images, labels, eps_list, *, defend: Callable[[np.ndarray], np.ndarray] | None = None,
-         bpda_steps: int | None = None) -> list[np.ndarray]:
-    """BPDA on ``defend`` (uint8 NHWC -> uint8 NHWC) followed by the classifier: BIM's
-    schedule (alpha = 1, Kurakin's step count unless ``bpda_steps`` is given) with each
-    step's gradient taken at the defended image, as if the defense were the identity
-    (Athalye et al. 2018); more steps check that the attack has converged. An image
-    stops moving once its defended version is misclassified, so it is not purified again.
-    PixelDefend and feature squeezing are deterministic, so one sample per step is exact
-    and EOT (averaging gradients over the defense's randomness) has nothing to average."""
+         bpda_steps: int = _EVAL["bpda_steps"], bpda_restarts: int = _EVAL["bpda_restarts"],
+         bpda_schedule: str = _EVAL["bpda_schedule"], seed: int = 0,
+         image_ids=None) -> list[np.ndarray]:
+    """BPDA (Athalye et al. 2018) on ``defend`` (uint8 NHWC -> uint8 NHWC, one defense)
+    followed by the classifier: each step's gradient is taken at the defended image, as if
+    the defense were the identity. Sign steps on the schedule ``bpda_schedule`` (see
+    ``_ascend``), and the per-image worst case over ``bpda_restarts`` starts
+    (``_restarts``). An image stops moving once its defended version is misclassified, so
+    it is not purified again. PixelDefend and feature squeezing are deterministic, so one
+    sample per step is exact and EOT (averaging gradients over the defense's randomness)
+    has nothing to average."""
     if defend is None:
         raise PdrayError("The bpda attack needs a defense to attack through; run it in the "
                          "evaluation pipeline (pdray eval --attacks bpda).")
-    out = []
-    for eps in eps_list:
-        x = images.astype(np.int64)
-        lo, hi = np.maximum(x - eps, 0), np.minimum(x + eps, 255)
-        adv, active = x.copy(), np.ones(len(x), bool)
-        for _ in range(bpda_steps or bim_steps(eps)):
-            idx = np.nonzero(active)[0]
-            if not len(idx):
-                break
-            defended, y = _to_unit(model, defend(adv[idx].astype(np.uint8)), labels[idx])
-            defended.requires_grad_(True)
-            model.eval()
-            logits = _UnitScale(model)(defended)
-            grad, = torch.autograd.grad(F.cross_entropy(logits, y, reduction="sum"), defended)
-            fooled = (logits.argmax(1) != y).cpu().numpy()
-            active[idx[fooled]] = False
-            step = grad.sign().cpu().numpy().transpose(0, 2, 3, 1).astype(np.int64)
-            moving = idx[~fooled]
-            adv[moving] = np.clip(adv[moving] + step[~fooled], lo[moving], hi[moving])
-        out.append(adv.astype(np.uint8))
-    return out
+    return _adaptive(_through(model, defend), images, labels, eps_list, bpda_steps,
+                     bpda_restarts, bpda_schedule, seed, image_ids)
 
 
-ATTACKS = {Attack.RAND: rand, Attack.FGSM: fgsm, Attack.BIM: bim,
-           Attack.DEEPFOOL: deepfool, Attack.CW: cw, Attack.BPDA: bpda}
+def bpda_soft(model, images, labels, eps_list, *,
+              surrogate: Callable[[torch.Tensor], torch.Tensor] | None = None,
+              bpda_steps: int = _EVAL["bpda_steps"], bpda_restarts: int = _EVAL["bpda_restarts"],
+              bpda_schedule: str = _EVAL["bpda_schedule"], seed: int = 0,
+              image_ids=None) -> list[np.ndarray]:
+    """BPDA with a better g: the steps, schedule and restarts of ``bpda``, with each
+    gradient taken through ``surrogate`` (float NCHW -> float NCHW, forward the exact
+    defense; ``pdray.purify.surrogate``) instead of the identity. For PixelDefend that is
+    the gradient of soft Algorithm 1 through the PixelCNN's context."""
+    if surrogate is None:
+        raise PdrayError("The bpda-soft attack needs a defense's surrogate to attack through; "
+                         "run it in the evaluation pipeline (pdray eval --attacks bpda-soft).")
+    return _adaptive(_through_surrogate(model, surrogate), images, labels, eps_list, bpda_steps,
+                     bpda_restarts, bpda_schedule, seed, image_ids)
+
+
+ATTACKS = {Attack.RAND: rand, Attack.FGSM: fgsm, Attack.BIM: bim, Attack.DEEPFOOL: deepfool,
+           Attack.CW: cw, Attack.BPDA: bpda, Attack.BPDA_SOFT: bpda_soft}
 # Each attack's keyword options (seed, cw_steps, ...), read from its signature.
 OPTIONS = {a: [p.name for p in inspect.signature(fn).parameters.values()
                if p.kind is p.KEYWORD_ONLY] for a, fn in ATTACKS.items()}

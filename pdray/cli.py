@@ -15,9 +15,10 @@ from typing import Optional
 import typer
 
 from pdray.config import (DEFENSES, DETECT_IMAGES, EPS_ATTACK, EPS_DEFEND, METRIC_IMAGES,
-                          PAPER_ATTACKS, PROBE_ATTACKS, PROBE_EPS_ATTACK, VALIDATION_IMAGES, Arch,
-                          Attack, ClassifierConfig, Dataset, EvalConfig, Method, PixelCNNConfig,
-                          Recipe, RunOptions, Scaling, choices, defaults)
+                          PAPER_ATTACKS, PROBE_ATTACKS, PROBE_EPS_ATTACK, THROUGH_DEFENSE,
+                          VALIDATION_IMAGES, Arch, Attack, ClassifierConfig, Dataset, EvalConfig,
+                          Method, PixelCNNConfig, Recipe, RunOptions, Scaling, Schedule, choices,
+                          defaults)
 from pdray.errors import PdrayError, parse_choice
 
 EVAL = defaults(EvalConfig)
@@ -246,8 +247,9 @@ def eval_cmd(dataset: str = typer.Option(EVAL["dataset"], "--dataset", help=choi
              shards: int = typer.Option(EVAL["shards"], "--shards"),
              attacks: str = typer.Option(
                  ",".join(EVAL["attacks"]), "--attacks",
-                 help=f"Comma list of {', '.join(PAPER_ATTACKS)} and {Attack.BPDA.value} "
-                      f"(BPDA through PixelDefend, not in the paper's table)."),
+                 help=f"Comma list of {', '.join(PAPER_ATTACKS)}, and {' and '.join(THROUGH_DEFENSE)} "
+                      f"(adaptive attacks, not in the paper's table: each defense's row holds the "
+                      f"images made against that defense)."),
              eps_attack: Optional[str] = typer.Option(
                  None, "--eps-attack", help=f"Comma list; default: the paper's ({PAPER_EPS_ATTACK})."),
              eps_defend: Optional[int] = typer.Option(
@@ -264,8 +266,18 @@ def eval_cmd(dataset: str = typer.Option(EVAL["dataset"], "--dataset", help=choi
              cw_binary_search_steps: int = typer.Option(EVAL["cw_binary_search_steps"],
                                                         "--cw-binary-search-steps"),
              deepfool_steps: int = typer.Option(EVAL["deepfool_steps"], "--deepfool-steps"),
-             bpda_steps: Optional[int] = typer.Option(
-                 None, "--bpda-steps", help="BPDA iterations; default: BIM's step count."),
+             bpda_steps: int = typer.Option(EVAL["bpda_steps"], "--bpda-steps",
+                                            help="Steps per restart of bpda and bpda-soft."),
+             bpda_restarts: int = typer.Option(
+                 EVAL["bpda_restarts"], "--bpda-restarts",
+                 help="Runs of bpda and bpda-soft per image: the first from the clean image, the "
+                      "rest from random points of the eps ball; each image keeps its worst case."),
+             bpda_schedule: str = typer.Option(
+                 EVAL["bpda_schedule"], "--bpda-schedule",
+                 help=f"{choices(Schedule)}: one level per step as BIM, or steps from eps/4 "
+                      f"halved where the loss stalls (APGD)."),
+             bpda_tau: float = typer.Option(EVAL["bpda_tau"], "--bpda-tau",
+                                            help="bpda-soft's softmax temperature."),
              purify_batch: int = typer.Option(EVAL["purify_batch"], "--purify-batch",
                                               help="Images per purifier batch."),
              out: Path = typer.Option(Path(RUN["out"]), "--out"),
@@ -292,7 +304,8 @@ def eval_cmd(dataset: str = typer.Option(EVAL["dataset"], "--dataset", help=choi
         classifiers=_list(classifiers), pixelcnn=pixelcnn, defenses=_list(defenses),
         adaptive_threshold=adaptive_threshold, seed=seed, save_images=save_images,
         cw_steps=cw_steps, cw_binary_search_steps=cw_binary_search_steps,
-        deepfool_steps=deepfool_steps, bpda_steps=bpda_steps, purify_batch=purify_batch)
+        deepfool_steps=deepfool_steps, bpda_steps=bpda_steps, bpda_restarts=bpda_restarts,
+        bpda_schedule=bpda_schedule, bpda_tau=bpda_tau, purify_batch=purify_batch)
     opts = RunOptions(out=str(out), data_dir=str(data_dir) if data_dir else None,
                       shard=shard, resume=resume, num_attackers=num_attackers,
                       num_purifiers=num_purifiers, attacker_cpus=attacker_cpus,

@@ -29,7 +29,14 @@ class Attack(str, Enum):
     BIM = "bim"
     DEEPFOOL = "deepfool"
     CW = "cw"
-    BPDA = "bpda"  # adaptive, on a defense; not one of the paper's attacks
+    BPDA = "bpda"            # adaptive, through a defense; not one of the paper's attacks
+    BPDA_SOFT = "bpda-soft"  # BPDA with a soft Algorithm 1's gradient (pdray.purify.surrogate)
+
+
+class Schedule(str, Enum):
+    """The adaptive attacks' step sizes (pdray.attacks._ascend)."""
+    CONSTANT = "constant"  # one level per step, as BIM
+    HALVING = "halving"    # APGD-style: eps / 4, halved where the loss stalls
 
 
 class Defense(str, Enum):
@@ -87,7 +94,9 @@ def choices(kind: type[Enum]) -> str:
 
 # ---- the paper's settings ------------------------------------------------------------------
 
-PAPER_ATTACKS = [a.value for a in Attack if a is not Attack.BPDA]
+# Attacks through a defense: the purifier stage makes them, one per defense row.
+THROUGH_DEFENSE = [Attack.BPDA.value, Attack.BPDA_SOFT.value]
+PAPER_ATTACKS = [a.value for a in Attack if a.value not in THROUGH_DEFENSE]
 DEFENSES = [d.value for d in Defense]
 # CIFAR-10: Table 1; Fashion-MNIST as recalled in FIELD-NOTES.
 EPS_ATTACK = {Dataset.FMNIST: [8, 25], Dataset.CIFAR10: [2, 8, 16]}
@@ -158,7 +167,10 @@ class EvalConfig:
     cw_steps: int = 50
     cw_binary_search_steps: int = 3
     deepfool_steps: int = 50
-    bpda_steps: int | None = None            # default: BIM's (Kurakin's) step count
+    bpda_steps: int = 100                    # per restart; Athalye et al.'s BPDA took 100
+    bpda_restarts: int = 1                   # the first from the clean image, the rest random
+    bpda_schedule: str = Schedule.HALVING.value
+    bpda_tau: float = 1.0                    # bpda-soft's temperature: the model's own conditional
     purify_batch: int = 64
 
     def resolved(self) -> EvalConfig:
@@ -172,12 +184,16 @@ class EvalConfig:
                       eps_attack=eps_attack_for(ds, self.eps_attack),
                       eps_defend=eps_defend_for(ds, self.eps_defend),
                       defenses=[parse_choice(Defense, d, "defense").value for d in self.defenses],
+                      bpda_schedule=parse_choice(Schedule, self.bpda_schedule,
+                                                 "BPDA schedule").value,
                       classifiers=list(self.classifiers or [classifier_name(ds)]),
                       pixelcnn=self.pixelcnn or pixelcnn_name(ds))
         if min(cfg.n_images, cfg.purify_batch, cfg.cw_steps, cfg.cw_binary_search_steps,
-               cfg.deepfool_steps, 1 if cfg.bpda_steps is None else cfg.bpda_steps) < 1:
+               cfg.deepfool_steps, cfg.bpda_steps, cfg.bpda_restarts) < 1:
             raise PdrayError("n_images, purify_batch, cw_steps, cw_binary_search_steps, "
-                             "deepfool_steps and bpda_steps must be at least 1.")
+                             "deepfool_steps, bpda_steps and bpda_restarts must be at least 1.")
+        if not cfg.bpda_tau > 0:
+            raise PdrayError(f"bpda_tau must be above 0; got {cfg.bpda_tau}.")
         return cfg
 
     def rows_per_image(self) -> int:

@@ -8,8 +8,9 @@ one Parquet file per shard (pdray.results). The one module that imports ray.data
 
 Clean and RAND images do not depend on the classifier, so they travel once with
 classifier "*" and are purified once; the purifier classifies each defended image with
-every classifier it concerns. The adaptive BPDA attack needs the purifier, so the
-purifier stage makes those images from the clean ones it receives. The stages are plain
+every classifier it concerns. The adaptive attacks (BPDA, BPDA-soft) need the purifier, so
+the purifier stage makes those images from the clean ones it receives, one set per defense:
+each defense's row holds the images made against that defense. The stages are plain
 classes: a test or a benchmark can call them without Ray.
 """
 
@@ -27,7 +28,7 @@ from ray.data import ActorPoolStrategy, DataContext
 
 from pdray import attacks, cluster, data, detect, purify, pvalues, results, zoo
 from pdray.classifiers import predict
-from pdray.config import Attack, Defense, EvalConfig, RunOptions
+from pdray.config import THROUGH_DEFENSE, Attack, Defense, EvalConfig, RunOptions
 from pdray.errors import PdrayError
 from pdray.monitor import PeakMemory
 from pdray.pixelcnn import bits_per_dim, log_prob_from_bpd
@@ -67,8 +68,8 @@ class AttackStage:
             images, labels = self.test.images[ids], self.test.labels[ids]
             parts = [(SHARED, "clean", 0, images, 0.0)]
             for attack in cfg.attacks:
-                if attack == Attack.BPDA:
-                    continue  # made by the purifier stage, which holds the defense
+                if attack in THROUGH_DEFENSE:
+                    continue  # made by the purifier stage, which holds the defenses
                 for name in [SHARED] if attack == Attack.RAND else cfg.classifiers:
                     t = time.perf_counter()
                     advs = attacks.attack_many(attack, self.models.get(name), images, labels,
@@ -103,20 +104,36 @@ class PurifierStage:
 
     def __call__(self, batch: dict) -> dict:
         cfg = self.cfg
-        if Attack.BPDA.value in cfg.attacks:
-            batch = self._with_bpda(batch)
+        batch = {**batch, "target": np.full(len(batch["image"]), "", dtype=object)}
+        if set(THROUGH_DEFENSE) & set(cfg.attacks):
+            batch = self._with_adaptive(batch)
         images = batch["image"]
         t = time.perf_counter()
         bpd = bits_per_dim(self.pixelcnn, images)
         logp = log_prob_from_bpd(bpd, np.prod(images.shape[1:]))
         pvalue = pvalues.pvalues(logp, self.train_logp)
-        defended = purify.defend(self.pixelcnn, images, cfg.defenses, cfg.eps_defend,
-                                 threshold=cfg.adaptive_threshold, bpd=bpd,
-                                 batch_size=cfg.purify_batch)
+        defended = self._defend(images, bpd, batch["target"])
         preds = {(d, c): predict(m, x.images) for d, x in defended.items()
                  for c, m in self.models.items()}
         seconds = (time.perf_counter() - t) / len(images) + batch["attack_seconds"]
         return self._rows(batch, bpd, pvalue, defended, preds, seconds)
+
+    def _defend(self, images: np.ndarray, bpd: np.ndarray, target: np.ndarray) -> dict:
+        """``purify.defend`` on every row that needs it: defense -> Defended over all rows.
+        Untargeted rows get every defense; images made against one defense (``target``)
+        get only that one, the only row they go into."""
+        cfg = self.cfg
+        out = {d: purify.Defended(images.copy(), bpd.copy(), np.zeros(len(images), int))
+               for d in cfg.defenses}
+        for t, defenses in {"": cfg.defenses, **{d: [d] for d in cfg.defenses}}.items():
+            rows = np.nonzero(target == t)[0]
+            if not len(rows):
+                continue
+            for d, x in purify.defend(self.pixelcnn, images[rows], defenses, cfg.eps_defend,
+                                      threshold=cfg.adaptive_threshold, bpd=bpd[rows],
+                                      batch_size=cfg.purify_batch).items():
+                out[d].images[rows], out[d].bpd[rows], out[d].eps_defend[rows] = x
+        return out
 
     def _rows(self, batch, bpd, pvalue, defended, preds, seconds) -> dict:
         """The result rows (pdray.results.SCHEMA) of a scored and defended batch."""
@@ -126,6 +143,8 @@ class PurifierStage:
             keep_image = int(batch["image_id"][i]) < cfg.save_images
             for c in (cfg.classifiers if owner == SHARED else [owner]):
                 for d, x in defended.items():
+                    if batch["target"][i] not in ("", d):
+                        continue  # made against another defense: that defense's row
                     pred = int(preds[(d, c)][i])
                     for k, v in (("shard", int(batch["shard"][i])),
                                  ("image_id", int(batch["image_id"][i])),
@@ -147,32 +166,48 @@ class PurifierStage:
         return {k: np.asarray(v, dtype=object if k.startswith("image_") else None)
                 for k, v in cols.items()}
 
-    def _with_bpda(self, batch: dict) -> dict:
-        """Append the BPDA images of this batch's clean images, one per classifier and
-        eps_attack. BPDA attacks PixelDefend at eps_defend, so it runs here, beside the
-        PixelCNN (and its GPU); the rows then go through every defense like any attack."""
+    def _with_adaptive(self, batch: dict) -> dict:
+        """Append the adaptive attacks' images of this batch's clean images: per attack,
+        classifier, defense and eps_attack, the images made against that defense (its
+        ``target``), which become that defense's rows only. Each defense's row then holds
+        an attack aimed at it, as the per-image worst case over a row's attacks needs. They
+        run here, beside the PixelCNN (and its GPU)."""
         cfg = self.cfg
         clean = np.nonzero(batch["attack"] == "clean")[0]
         if not len(clean):
             return batch
-        images, labels = batch["image"][clean], batch["label"][clean]
-
-        def defend(x):
-            return purify.pixeldefend(self.pixelcnn, x, cfg.eps_defend, batch_size=cfg.purify_batch)
-
+        images, labels, ids = batch["image"][clean], batch["label"][clean], batch["image_id"][clean]
+        options = dict(bpda_steps=cfg.bpda_steps, bpda_restarts=cfg.bpda_restarts,
+                       bpda_schedule=cfg.bpda_schedule, seed=cfg.seed, image_ids=ids)
         parts, n = [batch], len(clean)
-        for name, model in self.models.items():
-            t = time.perf_counter()
-            advs = attacks.attack_many(Attack.BPDA, model, images, labels, cfg.eps_attack,
-                                       defend=defend, bpda_steps=cfg.bpda_steps)
-            seconds = (time.perf_counter() - t) / len(cfg.eps_attack) / n
-            for eps, adv in zip(cfg.eps_attack, advs):
-                parts.append({"shard": batch["shard"][clean], "image_id": batch["image_id"][clean],
-                              "classifier": np.full(n, name, dtype=object),
-                              "attack": np.full(n, Attack.BPDA.value, dtype=object),
-                              "eps_attack": np.full(n, eps), "label": labels, "image": adv,
-                              "attack_seconds": np.full(n, seconds)})
+        for attack in [a for a in cfg.attacks if a in THROUGH_DEFENSE]:
+            for d in cfg.defenses:
+                through = self._through(attack, d)
+                for name, model in self.models.items():
+                    t = time.perf_counter()
+                    advs = attacks.attack_many(attack, model, images, labels, cfg.eps_attack,
+                                               **through, **options)
+                    seconds = (time.perf_counter() - t) / len(cfg.eps_attack) / n
+                    for eps, adv in zip(cfg.eps_attack, advs):
+                        parts.append({
+                            "shard": batch["shard"][clean], "image_id": ids,
+                            "classifier": np.full(n, name, dtype=object),
+                            "attack": np.full(n, attack, dtype=object),
+                            "eps_attack": np.full(n, eps), "label": labels, "image": adv,
+                            "attack_seconds": np.full(n, seconds),
+                            "target": np.full(n, d, dtype=object)})
         return {k: np.concatenate([p[k] for p in parts]) for k in batch}
+
+    def _through(self, attack: str, defense: str) -> dict:
+        """The option that aims ``attack`` at ``defense``: BPDA takes the defense as it is,
+        BPDA-soft its surrogate (pdray.purify)."""
+        cfg = self.cfg
+        if attack == Attack.BPDA:
+            return {"defend": purify.defender(self.pixelcnn, defense, cfg.eps_defend,
+                                              threshold=cfg.adaptive_threshold,
+                                              batch_size=cfg.purify_batch)}
+        return {"surrogate": purify.surrogate(self.pixelcnn, defense, cfg.eps_defend,
+                                              threshold=cfg.adaptive_threshold, tau=cfg.bpda_tau)}
 
 
 # ---- the run -------------------------------------------------------------------------------

@@ -123,6 +123,17 @@ class GatedResnet(nn.Module):
         return x + gate_a * torch.sigmoid(gate_b)
 
 
+def _embed(table: nn.Embedding, v):
+    """The embedding of integer values v, or of float values (a soft decoding's context) by
+    linear interpolation between the two nearest values: exact at whole values."""
+    if not v.is_floating_point():
+        return table(v)
+    lo = v.detach().floor().clamp(0, 254)
+    frac = (v - lo).unsqueeze(-1)
+    lo = lo.long()
+    return table(lo) * (1 - frac) + table(lo + 1) * frac
+
+
 class ChannelHead(nn.Module):
     """Features at one position -> 256 logits per channel, channel c conditioned on the
     values of channels < c through learned value embeddings and, with ``logistic``, a
@@ -141,11 +152,12 @@ class ChannelHead(nn.Module):
 
     def channel(self, h, c: int, previous):
         """Logits of channel c from features h (..., F) and ``previous``, a list of the
-        decided integer values of channels 0..c-1, each shaped like h without F."""
+        decided integer values of channels 0..c-1 (float values in a soft decoding), each
+        shaped like h without F."""
         a = self.hidden[c](h)
         first = c * (c - 1) // 2  # embeddings of channel c start here
         for k in range(c):
-            a = a + self.embed[first + k](previous[k])
+            a = a + _embed(self.embed[first + k], previous[k])
         logits = self.out[c](F.elu(a))  # (..., 256)
         if self.logistic is None:
             return logits
@@ -261,7 +273,7 @@ class PixelCNN(nn.Module):
 
     @staticmethod
     def encode(x):  # (B, C, H, W) in 0..255 -> (B, C+1, H, W) in [-1, 1] plus a ones plane
-        x = x.float() / 127.5 - 1.0
+        x = (x if x.is_floating_point() else x.float()) / 127.5 - 1.0  # float64 stays float64
         return torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
 
     def features(self, x):  # (B, C, H, W) 0..255 -> (B, F, H, W): position (i, j) sees only pixels before it
@@ -315,6 +327,8 @@ class _ConvCache:
     row-above part is one batched matmul per row. Within the row each new input is
     multiplied once: that gives its own output's term and, for kw == 2, its right
     neighbour's, kept in ``pending``. Memory: two rows of inputs, whatever the step count.
+    The row's inputs are kept in a list, not written into a buffer, so autograd can run
+    through it (a soft decoding); the copy into one tensor happens once per row either way.
     """
 
     def __init__(self, conv: nn.Conv2d, batch: int, width: int, like: torch.Tensor):
@@ -325,21 +339,22 @@ class _ConvCache:
         # Columns: this position's term (dx = kw-1), then, for kw == 2, the next one's (dx = 0).
         self.w_row = torch.cat([w[:, :, 1, kw - 1 - k].t() for k in range(kw)], dim=1)
         self.bias = conv.bias
-        self.row = like.new_zeros(width + kw - 1, batch, c_in)  # this row's inputs, left-padded
-        self.spare = torch.zeros_like(self.row)
+        self.zero = like.new_zeros(batch, c_in)
+        self.inputs = [self.zero] * width  # this row's inputs; the row before the first is zeros
         self.pending = like.new_zeros(batch, c_out)
         self.above = None
 
     def next_row(self):
         """Start the next row: the finished row becomes the row above."""
-        win = torch.cat([self.row[k:k + self.width] for k in range(self.kw)], dim=-1)
+        row = torch.stack([self.zero] * (self.kw - 1) + self.inputs)  # (W + kw - 1, B, C_in), left-padded
+        win = torch.cat([row[k:k + self.width] for k in range(self.kw)], dim=-1)
         self.above = torch.addmm(self.bias, win.reshape(-1, win.shape[-1]),
                                  self.w_above).view(self.width, -1, self.c_out)  # (W, B, C_out)
-        self.row, self.spare = self.spare, self.row  # the padding column stays zero
+        self.inputs = []
         self.pending = torch.zeros_like(self.pending)
 
     def step(self, j: int, value):  # value (B, C_in): the input at (i, j) -> output (B, C_out)
-        self.row[j + self.kw - 1] = value
+        self.inputs.append(value)  # positions come in order: this is column j
         z = value @ self.w_row
         out = self.above[j] + z[:, :self.c_out]
         if self.kw == 2:
@@ -366,6 +381,10 @@ class Decoder:
     Per row: ``next_row()``; then per pixel j: ``features(j)`` (which sees only the pixels
     fed so far), ``channel(h, c, decided)`` for each channel c in turn to decide the
     pixel's values, ``feed(j, values)``.
+
+    It runs in the caller's grad mode: the purifier decodes under ``no_grad``; a soft
+    decoding (``pdray.purify.soft_batch``) feeds float values and lets autograd follow the
+    context through every step. Nothing is written in place, so both work.
     """
 
     @torch.no_grad()
@@ -383,21 +402,20 @@ class Decoder:
         self.ul_caches = [(_ConvCache(blk.conv1, batch, width, zeros_row),
                            _ConvCache(blk.conv2, batch, width, zeros_row)) for blk in model.ul_blocks]
         self.x_rows = [zeros_row, zeros_row]  # encoded input rows i-2 and i-1, (B, C+1, W)
-        self.current = zeros_row.clone()     # encoded input row i, filled by feed()
+        self.current = []                    # encoded inputs (B, C+1) of row i, added by feed()
         self.row = -1
 
-    @torch.no_grad()
     def next_row(self) -> None:
         """The u stream for the next row, and everything of the ul stream that only looks up."""
         model, b, w, dt = self.model, self.b, self.w, self.dt
         f = model.config.filters
         if self.row >= 0:
-            self.x_rows = [self.x_rows[1], self.current]
-            self.current = torch.zeros_like(self.current)
+            self.x_rows = [self.x_rows[1], torch.stack(self.current, dim=-1)]
+            self.current = []
         self.row += 1
         if self.row == 0:
-            u = self.current.new_zeros(b, f, w)
-            self.up = self.current.new_zeros(w, b, f)
+            u = self.x_rows[1].new_zeros(b, f, w)
+            self.up = self.x_rows[1].new_zeros(w, b, f)
         else:
             u = _row_conv(model.u_init, *self.x_rows)  # down_shift(u_init)(i)
             self.up = F.conv2d(F.pad(self.x_rows[1][:, :, None], (1, 1, 0, 0)),
@@ -418,7 +436,6 @@ class Decoder:
             cache.next_row()
         self.from_left = 0.0  # right_shift(ul_init_left(x))(i, j): the conv's output at (i, j-1)
 
-    @torch.no_grad()
     def features(self, j: int) -> torch.Tensor:
         """h at (row, j), (B, F): what the head reads there."""
         ul = self.up[j] + self.from_left
@@ -428,15 +445,13 @@ class Decoder:
             ul = ul + ga * torch.sigmoid(gb)
         return F.elu(ul)
 
-    @torch.no_grad()
     def channel(self, h: torch.Tensor, c: int, previous: list) -> torch.Tensor:
         """The 256 logits (B, 256) of channel c at the position of ``h``, given the decided
         values (B,) of channels 0..c-1 there."""
         return self.model.head.channel(h, c, previous)
 
-    @torch.no_grad()
     def feed(self, j: int, values: torch.Tensor) -> None:
         """The decided values (B, C) of pixel (row, j): context for everything after it."""
         encoded = PixelCNN.encode(values[:, :, None, None])[:, :, 0, 0].to(self.dt)  # (B, C+1)
-        self.current[:, :, j] = encoded
+        self.current.append(encoded)  # positions come in order: this is column j
         self.from_left = self.left.step(j, encoded)

@@ -15,6 +15,11 @@ Both take and return uint8 NHWC arrays; eps_defend is one value or one per image
 leaves an image untouched, which is how adaptive PixelDefend skips likely images). Each
 decision reads the conditional of a sub-pixel whose prefix is final, so the likelihood of
 the purified image comes with it, without another forward pass.
+
+Adaptive attacks (pdray.attacks: bpda, bpda-soft) aim through one defense at a time:
+``defender`` gives it as a function of images, ``surrogate`` as a torch function whose
+output is the defense's and whose gradient is a smooth stand-in's; for PixelDefend that is
+``soft_batch``, Algorithm 1 with a softmax in place of the argmax.
 """
 
 from __future__ import annotations
@@ -196,3 +201,113 @@ def defend(model: PixelCNN, images: np.ndarray, defenses, eps_defend: int, *,
             out[d.value] = Defended(np.where(keep[:, None, None, None], images, purified),
                                     np.where(keep, bpd, bpd_purified), eps)
     return out
+
+
+# ---- what adaptive attacks aim through: each defense, exact and with a smooth gradient -------
+
+def soft_batch(model: PixelCNN, x: torch.Tensor, eps: torch.Tensor, tau: float) -> torch.Tensor:
+    """Algorithm 1 made smooth, for gradients: each sub-pixel becomes the softmax-weighted
+    mean (temperature ``tau``) of its feasible values, and that soft value is the context
+    of the sub-pixels after it, through the same cached decoder steps as ``fast_batch``,
+    under autograd. x (B, C, H, W) float pixels on whole levels; eps (B,) int64 -> the soft
+    purified (B, C, H, W), differentiable in x.
+
+    The feasible values are x + d, d in -eps..eps (inside 0..255): they move with x. As
+    fixed numbers they would make the output constant between whole levels (zero
+    gradient), so each sub-pixel's derivative by its own input is one, as in BPDA, and the
+    rest of the gradient is how the later soft choices follow it through the PixelCNN's
+    context. As tau -> 0 the output tends to ``fast_batch``'s (ties aside); at tau = 1 each
+    sub-pixel is the mean of the model's conditional restricted to the ball."""
+    b, c, h, w = x.shape
+    base = x.detach().round()
+    lo, hi = _bounds(base.long(), eps)
+    z = torch.arange(256, device=x.device, dtype=x.dtype)
+    decoder = model.decoder(b, w, x.device)
+    rows = []
+    for i in range(h):
+        decoder.next_row()
+        row = []
+        for j in range(w):
+            hj = decoder.features(j)
+            soft = []
+            for k in range(c):
+                logits = decoder.channel(hj, k, soft).to(x.dtype)  # (B, 256)
+                feasible = (z >= lo[:, k, i, j, None]) & (z <= hi[:, k, i, j, None])
+                p = torch.softmax(logits.masked_fill(~feasible, float("-inf")) / tau, dim=-1)
+                soft.append(x[:, k, i, j] - base[:, k, i, j] + p @ z)  # (B,)
+            values = torch.stack(soft, dim=1)  # (B, C)
+            decoder.feed(j, values)
+            row.append(values)
+        rows.append(torch.stack(row, dim=-1))  # (B, C, W)
+    return torch.stack(rows, dim=2)  # (B, C, H, W)
+
+
+def pixeldefend_soft(model: PixelCNN, x: torch.Tensor, eps_defend, tau: float) -> torch.Tensor:
+    """PixelDefend whose output is the purifier's (``fast_batch``) and whose gradient is
+    ``soft_batch``'s, a straight-through estimator: exact + (soft - soft.detach()). x (B, C,
+    H, W) float on whole levels; eps_defend one value or one per image (0: the image passes
+    as it is, gradient one). The soft decoding runs only when x requires a gradient."""
+    eps = torch.from_numpy(eps_per_image(eps_defend, len(x))).to(x.device)
+    todo = torch.nonzero(eps > 0)[:, 0]
+    if not len(todo):
+        return x
+    out = fast_batch(model, x.detach()[todo].round().long(), eps[todo])[0].to(x.dtype)
+    if x.requires_grad:
+        soft = soft_batch(model, x[todo], eps[todo], tau)
+        out = out + (soft - soft.detach())
+    return x.index_copy(0, todo, out)
+
+
+def _median_2x2(x: torch.Tensor) -> torch.Tensor:
+    """``feature_squeeze``'s median filter in torch, (B, C, H, W) -> (B, C, H, W): the upper
+    middle of each pixel and its neighbours above and to the left, mirrored at the border."""
+    p = F.pad(x, (1, 0, 1, 0), mode="replicate")
+    window = torch.stack([p[..., :-1, :-1], p[..., :-1, 1:], p[..., 1:, :-1], p[..., 1:, 1:]], -1)
+    return window.sort(dim=-1).values[..., 2]
+
+
+def _one_defense(defense, threshold: float | None) -> Defense:
+    d = parse_choice(Defense, defense, "defense")
+    if d is Defense.ADAPTIVE and threshold is None:
+        raise PdrayError("Adaptive PixelDefend needs its bits/dim threshold.")
+    return d
+
+
+def defender(model: PixelCNN, defense, eps_defend: int, *, threshold: float | None = None,
+             batch_size: int = 64) -> Callable[[np.ndarray], np.ndarray]:
+    """One defense as a function of uint8 NHWC images (what the classifier then sees): what
+    BPDA attacks through. ``threshold``: adaptive PixelDefend's bits/dim threshold."""
+    d = _one_defense(defense, threshold)
+    if d is Defense.NONE:
+        return lambda x: x
+    if d is Defense.SQUEEZE:
+        return feature_squeeze
+    if d is Defense.PIXELDEFEND:
+        return lambda x: pixeldefend(model, x, eps_defend, batch_size=batch_size)
+    return lambda x: defend(model, x, [d], eps_defend, threshold=threshold,
+                            batch_size=batch_size)[d.value].images
+
+
+def surrogate(model: PixelCNN, defense, eps_defend: int, *, threshold: float | None = None,
+              tau: float = 1.0) -> Callable[[torch.Tensor], torch.Tensor]:
+    """One defense as a function of float NCHW pixels on whole levels, whose output is the
+    defense's and whose gradient is a smooth stand-in's ("BPDA with a better g", Athalye et
+    al. 2018): the identity for none; for feature squeezing the median filter's own
+    gradient (the colour reduction passes it through, as BPDA would); soft Algorithm 1
+    (``pixeldefend_soft``) for PixelDefend, and for adaptive PixelDefend on the images it
+    purifies (its bits/dim threshold decides, and has no gradient)."""
+    d = _one_defense(defense, threshold)
+    if d is Defense.NONE:
+        return lambda x: x
+
+    def squeezed(x):
+        exact = to_nchw(feature_squeeze(to_nhwc(x.detach().round())), x.device).to(x.dtype)
+        soft = _median_2x2(x)
+        return exact + (soft - soft.detach())
+
+    def purified(x):
+        eps = eps_defend if d is Defense.PIXELDEFEND else adaptive_eps(
+            bits_per_dim(model, to_nhwc(x.detach().round())), threshold, eps_defend)
+        return pixeldefend_soft(model, x, eps, tau)
+
+    return squeezed if d is Defense.SQUEEZE else purified

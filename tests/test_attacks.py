@@ -5,7 +5,7 @@ import torch
 from pdray import attacks, purify
 from pdray.errors import PdrayError
 from pdray.classifiers import predict
-from conftest import tiny_classifier
+from conftest import tiny_classifier, tiny_pixelcnn
 
 
 @pytest.mark.parametrize("name", [a.value for a in attacks.Attack])
@@ -16,14 +16,15 @@ def test_attack_invariants(name, eps_attack, samples, request):
     images, labels = images[:6], labels[:6]
     model = tiny_classifier(images.shape[-1])
     adv = attacks.attack(name, model, images, labels, eps_attack, cw_steps=10,
-                         cw_binary_search_steps=2, deepfool_steps=10,
-                         defend=purify.feature_squeeze)  # the defense BPDA attacks through
+                         cw_binary_search_steps=2, deepfool_steps=10, bpda_steps=5,
+                         defend=purify.feature_squeeze,  # the defense BPDA attacks through
+                         surrogate=purify.surrogate(None, "squeeze", 0))  # and BPDA-soft
     assert adv.dtype == np.uint8 and adv.shape == images.shape
     delta = adv.astype(np.int16) - images.astype(np.int16)
     assert np.abs(delta).max() <= eps_attack  # inside the eps ball, integer pixels
     # and it did something; BPDA leaves images the defended model already gets wrong alone,
     # and DeepFool and CW images they cannot fool (whether they hurt is tested below)
-    assert np.abs(delta).max() > 0 or name in ("bpda", "deepfool", "cw")
+    assert np.abs(delta).max() > 0 or name in ("bpda", "bpda-soft", "deepfool", "cw")
     if name in ("fgsm",):
         # FGSM moves every sub-pixel by exactly eps unless a bound clips it.
         clipped = (images.astype(int) + eps_attack > 255) | (images.astype(int) - eps_attack < 0)
@@ -107,15 +108,93 @@ def test_bpda_breaks_a_defense_that_fgsm_only_weakens(fmnist_samples):
     model = fitted_classifier(images, labels)
     squeezed_acc = lambda x: (predict(model, purify.feature_squeeze(x)) == labels).mean()  # noqa: E731
     assert squeezed_acc(images) >= 0.8
-    adv = attacks.attack("bpda", model, images, labels, 16, defend=purify.feature_squeeze)
+    adv = attacks.attack("bpda", model, images, labels, 16, defend=purify.feature_squeeze,
+                         bpda_steps=20)
     assert squeezed_acc(adv) < 0.5
     assert squeezed_acc(adv) <= squeezed_acc(attacks.attack("fgsm", model, images, labels, 16))
     assert np.abs(adv.astype(int) - images.astype(int)).max() <= 16
-    one_step = attacks.attack("bpda", model, images, labels, 16, defend=purify.feature_squeeze,
-                              bpda_steps=1)
-    assert np.abs(one_step.astype(int) - images.astype(int)).max() == 1  # alpha is one level
+    for schedule, alpha in (("constant", 1), ("halving", 16 // 4)):
+        one_step = attacks.attack("bpda", model, images, labels, 16, bpda_steps=1,
+                                  bpda_schedule=schedule, defend=purify.feature_squeeze)
+        assert np.abs(one_step.astype(int) - images.astype(int)).max() == alpha
     with pytest.raises(PdrayError, match="needs a defense"):
         attacks.attack("bpda", model, images, labels, 16)
+    with pytest.raises(PdrayError, match="needs a defense's surrogate"):
+        attacks.attack("bpda-soft", model, images, labels, 16)
+    with pytest.raises(PdrayError, match="Unknown BPDA schedule"):
+        attacks.attack("bpda", model, images, labels, 16, defend=purify.feature_squeeze,
+                       bpda_schedule="cosine")
+
+
+class StartDecides(torch.nn.Module):
+    """A classifier whose gradient is zero, so an adaptive attack never moves from where a
+    restart puts it: label 0 always wins, except where sub-pixel (0, 0) is odd
+    (``fooled_by_odd``), which makes class 1 win. Otherwise the loss rises with that
+    sub-pixel's value and never reaches a mistake."""
+
+    def __init__(self, fooled_by_odd: bool):
+        super().__init__()
+        self.fooled_by_odd = fooled_by_odd
+        self.bias = torch.nn.Parameter(torch.zeros(2))  # where the attacks find the device
+
+    def forward(self, x):  # (B, C, H, W) in 0..255 -> (B, 2)
+        v = x[:, 0, 0, 0].detach()
+        one = torch.where(v % 2 == 1, 10.0, -10.0) if self.fooled_by_odd else v / 255 - 10
+        logits = torch.stack([torch.zeros_like(v), one], 1) + self.bias
+        return logits + 0.0 * x.flatten(1).sum(1, keepdim=True)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "halving"])
+def test_restarts_keep_each_images_worst_case(schedule):
+    """Restart 0 starts from the clean image, restart r from the clean image plus the
+    uniform noise seeded by (seed, image id, eps_attack, r). With a zero gradient nothing
+    moves, so where each image ends is known: the first restart whose image is
+    misclassified; else the restart with the highest loss; and with one restart, plain
+    BPDA, the clean image."""
+    images = np.full((8, 4, 4, 1), 100, dtype=np.uint8)
+    ids = np.arange(30, 38)
+    labels, eps, restarts = np.zeros(8, int), 8, 4
+    identity = dict(defend=lambda x: x, bpda_steps=3, bpda_schedule=schedule, seed=5,
+                    image_ids=ids)
+    starts = [images.astype(int)] + [np.clip(images + attacks._uniform_noise(
+        images.shape, eps, 5, ids, r), 0, 255) for r in range(1, restarts)]
+    odd = np.stack([s[:, 0, 0, 0] % 2 == 1 for s in starts], 1)  # (image, restart)
+    first = np.where(odd.any(1), odd.argmax(1), 0)
+    assert not odd[:, 0].any() and odd[:, 1:].any(1).sum() not in (0, 8)  # not vacuous
+    assert (first >= 2).any()  # some image needs more than one random restart
+
+    model = StartDecides(fooled_by_odd=True)
+    plain = attacks.attack("bpda", model, images, labels, eps, **identity)
+    assert np.array_equal(plain, images)
+    worst = attacks.attack("bpda", model, images, labels, eps, bpda_restarts=restarts, **identity)
+    assert np.array_equal(worst, np.stack([starts[r][i] for i, r in enumerate(first)]))
+    # Each image's restarts are its own: attacked one at a time, the same images come out.
+    alone = [attacks.attack("bpda", model, images[i:i + 1], labels[i:i + 1], eps,
+                            bpda_restarts=restarts, **{**identity, "image_ids": ids[i:i + 1]})
+             for i in range(8)]
+    assert np.array_equal(np.concatenate(alone), worst)
+
+    highest = np.stack([s[:, 0, 0, 0] for s in starts], 1).argmax(1)  # the first of ties
+    worst = attacks.attack("bpda", StartDecides(fooled_by_odd=False), images, labels, eps,
+                           bpda_restarts=restarts, **identity)
+    assert np.array_equal(worst, np.stack([starts[r][i] for i, r in enumerate(highest)]))
+    assert (highest > 0).any()
+
+
+def test_bpda_soft_breaks_pixeldefend_through_its_surrogate(fmnist_samples):
+    """BPDA-soft on a tiny PixelCNN's PixelDefend: the purified clean images are still
+    classified well, the purified attacked ones are not."""
+    images, labels = fmnist_samples
+    images, labels = images[:10], labels[:10]
+    model = fitted_classifier(*fmnist_samples)
+    pixelcnn = tiny_pixelcnn(1)
+    defend = purify.defender(pixelcnn, "pixeldefend", 4)
+    accuracy = lambda x: (predict(model, defend(x)) == labels).mean()  # noqa: E731
+    assert accuracy(images) >= 0.8
+    adv = attacks.attack("bpda-soft", model, images, labels, 16, bpda_steps=8,
+                         surrogate=purify.surrogate(pixelcnn, "pixeldefend", 4))
+    assert np.abs(adv.astype(int) - images.astype(int)).max() <= 16
+    assert accuracy(adv) <= 0.3
 
 
 def test_rand_is_seeded_integer_noise(fmnist_samples):

@@ -147,6 +147,9 @@ def test_table1_rows_follow_the_papers_order():
     (dict(classifiers=["fmnist-vgg-normal"]), "No shipped model"),
     (dict(defenses=["distillation"]), "Unknown defense"),
     (dict(bpda_steps=0), "bpda_steps"),
+    (dict(bpda_restarts=0), "bpda_restarts"),
+    (dict(bpda_schedule="cosine"), "Unknown BPDA schedule"),
+    (dict(bpda_tau=0.0), "bpda_tau"),
 ])
 def test_bad_config_is_refused_before_anything_runs(change, message, tmp_path):
     with pytest.raises(PdrayError, match=message):
@@ -220,29 +223,69 @@ def test_adaptive_alone_purifies_only_what_it_needs_and_agrees():
     assert (rows[1].eps_defend == 0).any() and (rows[1].eps_defend > 0).any()
 
 
-def test_bpda_rows_are_made_by_the_purifier_and_reported_apart():
-    """The attack stage leaves BPDA to the purifier stage, which attacks PixelDefend with
-    each clean image; the reducer shows it after STRONGEST, which leaves it out."""
+def test_adaptive_attacks_are_made_by_the_purifier_and_reported_apart():
+    """The attack stage leaves BPDA and BPDA-soft to the purifier stage, which makes them
+    from the clean images, one set per defense. The reducer shows them after STRONGEST,
+    which leaves them out, then the worst case over every attack."""
     from dataclasses import asdict
 
     import numpy as np
 
-    cfg = pipeline.resolve(EvalConfig(**{**CFG, "attacks": ["fgsm", "bpda"], "eps_attack": [8],
-                                         "defenses": ["none", "pixeldefend"]}))
+    cfg = pipeline.resolve(EvalConfig(**{**CFG, "attacks": ["fgsm", "bpda", "bpda-soft"],
+                                         "eps_attack": [8], "bpda_steps": 1}))
     batch = pipeline.AttackStage(asdict(cfg), [[0, 1, 2]], None)({"shard": np.array([0])})
     assert set(batch["attack"]) == {"clean", "fgsm"}
     df = pd.DataFrame(pipeline.PurifierStage(asdict(cfg))(batch))
     assert len(df) == 3 * cfg.rows_per_image()
     assert not df.duplicated(results.KEY).any()
-    bpda = df[df.attack == "bpda"].sort_values(["defense", "image_id"])
-    assert set(bpda.defense) == {"none", "pixeldefend"} and (bpda.eps_attack == 8).all()
     clean = df[(df.attack == "clean") & (df.defense == "none")].sort_values("image_id")
-    for a, x in zip(bpda[bpda.defense == "none"].image_input, clean.image_input):
-        delta = np.frombuffer(a, np.uint8).astype(int) - np.frombuffer(x, np.uint8).astype(int)
-        assert np.abs(delta).max() <= 8
+    for attack in ("bpda", "bpda-soft"):
+        rows = df[df.attack == attack].sort_values(["defense", "image_id"])
+        assert set(rows.defense) == set(cfg.defenses) and (rows.eps_attack == 8).all()
+        for _, g in rows.groupby("defense"):
+            for a, x in zip(g.image_input, clean.image_input):
+                delta = np.frombuffer(a, np.uint8).astype(int) - np.frombuffer(x, np.uint8)
+                assert np.abs(delta).max() <= 8
     long = report.accuracy_long(df)
     strongest = long[(long.attack == "strongest") & (long.defense == "pixeldefend")]
     fgsm = long[(long.attack == "fgsm") & (long.defense == "pixeldefend")]
     assert strongest.accuracy.tolist() == fgsm.accuracy.tolist()
     header = report.table1_markdown(long).splitlines()[0]
-    assert header.endswith("| STRONGEST | WORST CASE | BPDA |")
+    assert header.endswith("| STRONGEST | WORST CASE | BPDA | BPDA-SOFT | WORST CASE ALL |")
+
+
+def test_each_defense_row_holds_the_images_made_against_it(monkeypatch):
+    """A stand-in attack that returns the defense it was aimed at, applied to the clean
+    images, shows where each set goes: the images made against a defense are that
+    defense's rows, and no other's. The threshold purifies one image of two, so adaptive
+    PixelDefend differs from PixelDefend."""
+    from dataclasses import asdict, replace
+
+    import numpy as np
+    import torch
+
+    from pdray import attacks, purify
+    from pdray.pixelcnn import bits_per_dim
+
+    def aimed(name, model, images, labels, eps_list, defend=None, surrogate=None, **options):
+        if surrogate is None:
+            return [defend(images)]
+        x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).float()
+        return [surrogate(x).numpy().transpose(0, 2, 3, 1).astype(np.uint8)]
+
+    monkeypatch.setattr(attacks, "attack_many", aimed)
+    cfg = pipeline.resolve(EvalConfig(**{**CFG, "attacks": ["bpda", "bpda-soft"],
+                                         "eps_attack": [8]}))
+    batch = pipeline.AttackStage(asdict(cfg), [[0, 1]], None)({"shard": np.array([0])})
+    clean = batch["image"][batch["attack"] == "clean"]
+    stage = pipeline.PurifierStage(asdict(cfg))
+    stage.cfg = replace(cfg, adaptive_threshold=float(bits_per_dim(stage.pixelcnn, clean).mean()))
+    df = pd.DataFrame(stage(batch))
+    made = {d: purify.defender(stage.pixelcnn, d, cfg.eps_defend,
+                               threshold=stage.cfg.adaptive_threshold)(clean) for d in cfg.defenses}
+    assert not np.array_equal(made["adaptive"], made["pixeldefend"])
+    for d in cfg.defenses:
+        for attack in ("bpda", "bpda-soft"):
+            rows = df[(df.attack == attack) & (df.defense == d)].sort_values("image_id")
+            got = np.stack([np.frombuffer(b, np.uint8) for b in rows.image_input])
+            assert np.array_equal(got, made[d].reshape(len(clean), -1)), (attack, d)

@@ -143,3 +143,94 @@ def test_purifier_reaches_exactly_the_ends_of_the_feasible_range(method, channel
     x, e = images.astype(int), eps[:, None, None, None]
     expected = np.maximum(x - e, 0) if towards == 0 else np.minimum(x + e, 255)
     assert np.array_equal(out, expected.astype(np.uint8))
+
+
+# ---- soft Algorithm 1 and the surrogates the adaptive attacks aim through --------------------
+
+SOFT_MODELS = [(1, False, "free", (1, 4, 4)), (3, True, "free", (3, 3, 3)),
+               (3, False, "mixture", (3, 3, 3))]
+
+
+def _soft_case(channels, logistic, head, shape):
+    """A tiny float64 PixelCNN, two images on whole levels and each one's eps_defend."""
+    model = tiny_pixelcnn(channels, filters=4, blocks=1, logistic=logistic, head=head).double()
+    x = torch.randint(40, 216, (2, *shape), generator=torch.Generator().manual_seed(0))
+    return model, x.double(), torch.tensor([16, 4])
+
+
+@pytest.mark.parametrize("channels,logistic,head,shape", SOFT_MODELS)
+def test_soft_gradient_matches_finite_differences(channels, logistic, head, shape, tau=0.5):
+    """Autograd through the soft decoding (every cached decoder step, the soft values fed
+    as context) against central differences, in float64, for every input sub-pixel. The
+    gradient is more than BPDA's identity: later sub-pixels follow earlier ones through the
+    PixelCNN's context."""
+    model, x0, eps = _soft_case(channels, logistic, head, shape)
+    w = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    f = lambda x: (purify.soft_batch(model, x, eps, tau) * w).sum()  # noqa: E731
+    x = x0.clone().requires_grad_(True)
+    grad, = torch.autograd.grad(f(x), x)
+    h, fd = 1e-6, torch.zeros_like(x0)
+    for idx in np.ndindex(*x0.shape):
+        e = torch.zeros_like(x0)
+        e[idx] = h
+        fd[idx] = (f(x0 + e) - f(x0 - e)) / (2 * h)
+    err = (grad - fd).abs().max().item()
+    print(f"max |autograd - finite difference| {err:.2e}; max |gradient - identity| "
+          f"{(grad - w).abs().max().item():.2e}")
+    assert err < 1e-6 * max(1.0, fd.abs().max().item())
+    assert (grad - w).abs().max() > 1e-3  # the context's share is there
+
+
+@pytest.mark.parametrize("channels,logistic,head,shape", SOFT_MODELS)
+def test_soft_tends_to_the_exact_purifier_as_tau_falls(channels, logistic, head, shape):
+    """At small tau each soft value is the exact purifier's, except at near-ties: where the
+    best two feasible values' logits are closer than tau, the softmax averages them. The
+    mixture head's smooth conditionals have such ties at their modes (margins down to
+    3e-7 here); wherever the exact decision's margin is 100 tau or more, the soft decoding
+    equals it."""
+    model, x, eps = _soft_case(channels, logistic, head, shape)
+    exact, _ = purify.fast_batch(model, x.long(), eps)
+    with torch.no_grad():
+        logits = model(exact)  # (B, C, H, W, 256): each conditional given the exact prefix
+    lo, hi = purify._bounds(x.long(), eps)
+    z = torch.arange(256)
+    feasible = (z >= lo[..., None]) & (z <= hi[..., None])
+    best = logits.masked_fill(~feasible, float("-inf")).topk(2, dim=-1).values
+    clear = best[..., 0] - best[..., 1] > 1e-4  # 100 tau at tau 1e-6
+    gaps = {tau: (purify.soft_batch(model, x, eps, tau) - exact).abs()
+            for tau in (1.0, 1e-2, 1e-4, 1e-6)}
+    print("max |soft - exact| at tau 1, 1e-2, 1e-4, 1e-6:", [g.max().item() for g in gaps.values()],
+          f"; decisions clearer than 1e-4: {clear.float().mean().item():.2f}")
+    assert gaps[1.0].max() > 1 and clear.float().mean() > 0.75
+    assert gaps[1e-6][clear].max() < 1e-6
+
+
+@pytest.mark.parametrize("defense", ["none", "squeeze", "pixeldefend", "adaptive"])
+def test_a_surrogate_returns_its_defenses_output(defense, fmnist_samples):
+    """Forward, a surrogate is its defense exactly; backward it has a gradient (BPDA-soft's
+    straight-through): through soft Algorithm 1 for PixelDefend, which is what the gradient
+    of soft_batch gives."""
+    images = fmnist_samples[0][:4, 10:18, 10:18]
+    model = tiny_pixelcnn(1)
+    bpd = np.sort(bits_per_dim(model, images))
+    assert bpd[1] < bpd[2]
+    threshold = float(bpd[1:3].mean())  # two purified, two left alone
+    exact = purify.defender(model, defense, 16, threshold=threshold)(images)
+    x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).float().requires_grad_(True)
+    out = purify.surrogate(model, defense, 16, threshold=threshold, tau=0.5)(x)
+    assert torch.equal(out.detach(), torch.from_numpy(exact.transpose(0, 3, 1, 2)).float())
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(0))
+    grad, = torch.autograd.grad((out * w).sum(), x)
+    assert grad.abs().sum() > 0
+    if defense == "pixeldefend":
+        y = x.detach().clone().requires_grad_(True)
+        soft, = torch.autograd.grad((purify.soft_batch(model, y, torch.full((4,), 16), 0.5)
+                                     * w).sum(), y)
+        torch.testing.assert_close(grad, soft)
+    if defense == "squeeze":  # the stand-in: the same median filter, before the rounding
+        q = np.rint(images / 255.0 * 31) * 255.0 / 31
+        median = purify._median_2x2(torch.from_numpy(q.transpose(0, 3, 1, 2).copy()))
+        assert torch.equal(median.round().float(), out.detach())
+    if defense == "adaptive":  # the images it leaves alone pass the gradient as it is
+        keep = purify.adaptive_eps(bits_per_dim(model, images), threshold, 16) == 0
+        assert keep.sum() == 2 and torch.equal(grad[keep], w[keep])
