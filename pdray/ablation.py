@@ -17,10 +17,12 @@ from PIL import Image
 from pdray import attacks, data, purify, zoo
 from pdray.classifiers import predict
 from pdray.cluster import torch_device
-from pdray.config import check_eps, classifier_name
+from pdray.config import (PROBE_ATTACKS, PROBE_EPS_ATTACK, VALIDATION_IMAGES, Attack, check_eps,
+                          classifier_name, eps_defend_for, parse_attack)
 from pdray.errors import PdrayError
 from pdray.pixelcnn import bits_per_dim
 from pdray.pixels import to_nchw, to_nhwc
+from pdray.pvalues import roc
 
 # The quality whose mean absolute error on the first 2,000 Fashion-MNIST test images (6.25
 # levels) matches the CIFAR-10 copy's (6.24); quality 50 gives 5.83 and 40 gives 6.84.
@@ -62,40 +64,53 @@ def kept(purified: np.ndarray, purified_clean: np.ndarray, x: np.ndarray, clean:
     return float((moved * delta).sum() / max((delta * delta).sum(), 1e-12))
 
 
-def probe(pixelcnn, classifier, images: np.ndarray, labels: np.ndarray, *, eps_attack: int = 8,
-          eps_defend: int = 16, inputs: tuple[str, ...] = ("clean", "fgsm", "bim"),
-          batch_size: int = 64) -> list[dict]:
+def probe(pixelcnn, classifier, images: np.ndarray, labels: np.ndarray, *,
+          eps_defend: int, eps_attack: int = PROBE_EPS_ATTACK,
+          inputs: tuple[str, ...] = ("clean", "fgsm", "bim"), batch_size: int = 64) -> list[dict]:
     """Where purification takes each kind of input, one row per input kind: accuracy
     before and after, bits/dim before and after, mean |purified - clean| in levels, the
     share of sub-pixels that end on the edge of the eps_defend ball, the share decided by
     the model (the purified value is its unconstrained mode there), and for attacked inputs
-    how much of the perturbation survives (``kept``), overall and where the model decided."""
+    how much of the perturbation survives (``kept``), overall and where the model decided,
+    and how well bits/dim tells them from the clean images (``auc_vs_clean``: a noisier or
+    blunter model may purify more and detect less)."""
     def purified_of(x):
         return purify.pixeldefend(pixelcnn, x, eps_defend, batch_size=batch_size, return_bpd=True)
 
     rows = []
     clean_out = purified_of(images)  # the clean row's, and what ``kept`` compares against
     purified_clean = clean_out[0]
+    bpd_clean = bits_per_dim(pixelcnn, images)
     for kind in inputs:
         x = images if kind == "clean" else attacks.attack(kind, classifier, images, labels, eps_attack)
         purified, bpd_after = clean_out if kind == "clean" else purified_of(x)
         moved = np.abs(purified.astype(np.int16) - x.astype(np.int16))
-        free = model_modes(pixelcnn, purified) == purified
+        bpd_before = bpd_clean if kind == "clean" else bits_per_dim(pixelcnn, x)
+        modes = model_modes(pixelcnn, purified)
+        free = modes == purified
         rows.append({
             "input": kind, "eps_attack": 0 if kind == "clean" else eps_attack,
             "eps_defend": eps_defend, "n_images": len(images),
             "accuracy_before": float((predict(classifier, x) == labels).mean()),
             "accuracy_after": float((predict(classifier, purified) == labels).mean()),
-            "bpd_before": float(bits_per_dim(pixelcnn, x).mean()),
+            "bpd_before": float(bpd_before.mean()),
             "bpd_after": float(np.mean(bpd_after)),
             "input_to_clean": float(np.abs(x.astype(np.int16) - images).mean()),
             "purified_to_clean": float(np.abs(purified.astype(np.int16) - images).mean()),
             "edge_fraction": float((moved == eps_defend).mean()),
             "model_decided_fraction": float(free.mean()),
+            # Where the model wants each sub-pixel given the purified past (what Algorithm 1
+            # asks it), in levels from the clean image; for the clean row also given the
+            # clean past: the gap between the two is the greedy chain's drift.
+            "mode_to_clean": float(np.abs(modes.astype(np.int16) - images).mean()),
         })
-        if kind != "clean":
+        if kind == "clean":
+            teacher = model_modes(pixelcnn, images).astype(np.int16)
+            rows[-1]["mode_to_clean_given_clean_past"] = float(np.abs(teacher - images).mean())
+        else:
             rows[-1]["perturbation_kept"] = kept(purified, purified_clean, x, images)
             rows[-1]["kept_where_model_decided"] = kept(purified, purified_clean, x, images, free)
+            rows[-1]["auc_vs_clean"] = roc(bpd_clean, bpd_before)[2]
     return rows
 
 
@@ -111,12 +126,18 @@ def load_density(pixelcnn: str, last_weights: bool = False):
     return zoo.build({**ckpt, "state_dict": ckpt["train_model"]}).to(torch_device())
 
 
-def run(dataset: str, pixelcnn: str, classifier: str | None = None, *, n_images: int = 256,
-        jpeg_quality: int = 0, eps_attack: int = 8, eps_defend: int = 16, last_weights: bool = False,
+def run(dataset: str, pixelcnn: str, classifier: str | None = None, *,
+        n_images: int = VALIDATION_IMAGES, jpeg_quality: int = 0,
+        attack_names: tuple[str, ...] = PROBE_ATTACKS,
+        eps_attack: int = PROBE_EPS_ATTACK, eps_defend: int | None = None, last_weights: bool = False,
         data_dir=None) -> list[dict]:
     """``probe`` on the first ``n_images`` validation images (the held-out tail of the
     training split: never tune on the test set), optionally JPEG-compressed first."""
-    check_eps(eps_attack), check_eps(eps_defend, "eps_defend")  # before any work
+    check_eps(eps_attack)
+    attack_names = tuple(parse_attack(a).value for a in attack_names)
+    if Attack.BPDA.value in attack_names:
+        raise PdrayError("The ablation probes transfer attacks; BPDA runs in `pdray eval`.")
+    eps_defend = eps_defend_for(dataset, eps_defend)  # both before any work
     d = data.load(dataset, data_dir)
     split = d.validation
     if not 1 <= n_images <= len(split.labels):
@@ -130,7 +151,8 @@ def run(dataset: str, pixelcnn: str, classifier: str | None = None, *, n_images:
         raise PdrayError(f"{pixelcnn} models {density.config.channels}-channel images; "
                          f"{d.dataset.value} has {images.shape[-1]}.")
     model, _ = zoo.load(classifier or classifier_name(d.dataset), device)
-    rows = probe(density, model, images, labels, eps_attack=eps_attack, eps_defend=eps_defend)
+    rows = probe(density, model, images, labels, eps_attack=eps_attack, eps_defend=eps_defend,
+                 inputs=("clean", *attack_names))
     for row in rows:
         row.update(dataset=d.dataset.value, pixelcnn=str(pixelcnn), last_weights=last_weights,
                    jpeg_quality=jpeg_quality)

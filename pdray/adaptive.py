@@ -17,8 +17,8 @@ import numpy as np
 from pdray import attacks, data, purify, zoo
 from pdray.classifiers import predict
 from pdray.cluster import torch_device
-from pdray.config import (PAPER_ATTACKS, classifier_name, eps_attack_for, eps_defend_for,
-                          parse_attack, parse_dataset, pixelcnn_name)
+from pdray.config import (PAPER_ATTACKS, VALIDATION_IMAGES, classifier_name, eps_attack_for,
+                          eps_defend_for, parse_attack, parse_dataset, pixelcnn_name)
 from pdray.errors import PdrayError
 from pdray.pixelcnn import bits_per_dim
 
@@ -36,7 +36,7 @@ def strongest_accuracy(correct_kept: dict, correct_purified: dict, bpd: dict, t:
 
 def choose_threshold(dataset: str, classifier: str | None = None, pixelcnn: str | None = None,
                      eps_defend: int | None = None, attack_names: list[str] | None = None,
-                     eps_attack: list[int] | None = None, n_images: int = 256,
+                     eps_attack: list[int] | None = None, n_images: int = VALIDATION_IMAGES,
                      data_dir=None, store: bool = True) -> dict:
     ds = parse_dataset(dataset)
     classifier = classifier or classifier_name(ds)

@@ -14,9 +14,11 @@ from typing import Optional
 
 import typer
 
-from pdray.config import (DEFENSES, EPS_ATTACK, EPS_DEFEND, GPU_PURIFY_BATCH, PAPER_ATTACKS,
-                          Arch, Attack, ClassifierConfig, Dataset, Device, EvalConfig, Method,
-                          PixelCNNConfig, Recipe, RunOptions, Scaling, choices, defaults)
+from pdray.config import (DEFENSES, DETECT_IMAGES, EPS_ATTACK, EPS_DEFEND, GPU_PURIFY_BATCH,
+                          METRIC_IMAGES, PAPER_ATTACKS, PROBE_ATTACKS, PROBE_EPS_ATTACK,
+                          VALIDATION_IMAGES, Arch, Attack, ClassifierConfig, Dataset, Device,
+                          EvalConfig, Method, PixelCNNConfig, Recipe, RunOptions, Scaling, choices,
+                          defaults)
 from pdray.errors import PdrayError, parse_choice
 
 EVAL = defaults(EvalConfig)
@@ -38,7 +40,15 @@ bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (ratios in one ru
 app.add_typer(train_app, name="train")
 app.add_typer(bench_app, name="bench")
 
+# Options several commands share, defined once.
 DataDir = typer.Option(None, "--data-dir", help="Folder holding the dataset, the only place looked at when given (else: PDRAY_DATA_DIR, the cache, Debian's copy, a download).")
+AsJson = typer.Option(False, "--json")
+ResumeFrom = typer.Option(None, "--resume-from", help="A training-state file to start from.")
+Workers = typer.Option(SCALING["num_workers"], "--workers", help="Ray Train data-parallel workers.")
+CpusPerWorker = typer.Option(SCALING["cpus_per_worker"], "--cpus-per-worker")
+Gpu = typer.Option(SCALING["use_gpu"], "--gpu", help="One GPU per worker.")
+RunsDir = typer.Option(Path(SCALING["runs_dir"]), "--runs-dir")
+Ship = typer.Option(False, "--ship", help="Export into the package's weights.")
 
 
 def emit(obj, as_json: bool) -> None:
@@ -55,7 +65,7 @@ def emit(obj, as_json: bool) -> None:
 @data_app.command("info")
 def data_info(dataset: str = typer.Option(..., "--dataset", help=choices(Dataset)),
               data_dir: Optional[Path] = DataDir,
-              as_json: bool = typer.Option(False, "--json")):
+              as_json: bool = AsJson):
     """Counts, shape, classes and where the data was found."""
     from pdray import data
 
@@ -63,7 +73,7 @@ def data_info(dataset: str = typer.Option(..., "--dataset", help=choices(Dataset
 
 
 @models_app.command("list")
-def models_list(as_json: bool = typer.Option(False, "--json")):
+def models_list(as_json: bool = AsJson):
     """The shipped models and their manifest entries."""
     from pdray import zoo
 
@@ -71,9 +81,9 @@ def models_list(as_json: bool = typer.Option(False, "--json")):
 
 
 @models_app.command("evaluate")
-def models_evaluate(name: str, n_images: int = typer.Option(1000, "--n-images"),
+def models_evaluate(name: str, n_images: int = typer.Option(METRIC_IMAGES, "--n-images"),
                     data_dir: Optional[Path] = DataDir,
-                    as_json: bool = typer.Option(False, "--json")):
+                    as_json: bool = AsJson):
     """Recompute a shipped model's metric on the first N test images."""
     from pdray import zoo
     from pdray.cluster import torch_device
@@ -93,10 +103,10 @@ def models_likelihoods(name: str, data_dir: Optional[Path] = DataDir):
 @app.command("detect")
 def detect_cmd(dataset: str = typer.Option(..., "--dataset"),
                attack: str = typer.Option(..., "--attack", help=choices(Attack)),
-               eps_attack: int = typer.Option(8, "--eps-attack"),
-               n_images: int = typer.Option(500, "--n-images"),
+               eps_attack: int = typer.Option(PROBE_EPS_ATTACK, "--eps-attack"),
+               n_images: int = typer.Option(DETECT_IMAGES, "--n-images"),
                data_dir: Optional[Path] = DataDir,
-               as_json: bool = typer.Option(False, "--json")):
+               as_json: bool = AsJson):
     """Claim 1: attack the first N test images and detect them by PixelCNN likelihood."""
     from pdray import detect
 
@@ -173,7 +183,7 @@ def bench_purify(dataset: str = typer.Option(..., "--dataset"),
                  art: bool = typer.Option(False, "--art", help="Also time IBM ART 1.20.1's PixelDefend."),
                  device: str = typer.Option("auto", "--device", help=f"{choices(Device)}; "
                                             f"auto is CUDA when torch sees a GPU."),
-                 as_json: bool = typer.Option(False, "--json")):
+                 as_json: bool = AsJson):
     """Reference vs fast purifier on the same shipped model, images and batch."""
     from pdray import bench
 
@@ -187,9 +197,10 @@ def adaptive_threshold_cmd(dataset: str = typer.Option(..., "--dataset"),
                            eps_defend: Optional[int] = typer.Option(None, "--eps-defend"),
                            attacks: Optional[str] = typer.Option(None, "--attacks"),
                            eps_attack: Optional[str] = typer.Option(None, "--eps-attack"),
-                           n_images: int = typer.Option(256, "--n-images"),
+                           n_images: int = typer.Option(VALIDATION_IMAGES, "--n-images",
+                                                        help="First N validation images."),
                            data_dir: Optional[Path] = DataDir,
-                           as_json: bool = typer.Option(False, "--json")):
+                           as_json: bool = AsJson):
     """Choose adaptive PixelDefend's bits/dim threshold on validation data and store it
     with the PixelCNN's manifest entry."""
     from pdray import adaptive
@@ -203,19 +214,24 @@ def ablate_cmd(dataset: str = typer.Option(..., "--dataset"),
                pixelcnn: str = typer.Option(..., "--pixelcnn",
                                             help="A shipped PixelCNN's name, or a weights or training-state file."),
                classifier: Optional[str] = typer.Option(None, "--classifier"),
-               n_images: int = typer.Option(256, "--n-images", help="First N validation images."),
+               n_images: int = typer.Option(VALIDATION_IMAGES, "--n-images",
+                                            help="First N validation images."),
                jpeg_quality: int = typer.Option(0, "--jpeg-quality", min=0, max=100,
                                                 help="JPEG-compress the images first; 0: off."),
-               eps_attack: int = typer.Option(8, "--eps-attack"),
-               eps_defend: int = typer.Option(..., "--eps-defend"),
+               attacks: str = typer.Option(",".join(PROBE_ATTACKS), "--attacks",
+                                           help="Comma list of the attacks to probe with."),
+               eps_attack: int = typer.Option(PROBE_EPS_ATTACK, "--eps-attack"),
+               eps_defend: Optional[int] = typer.Option(
+                   None, "--eps-defend", help=f"Default: the paper's ({PAPER_EPS_DEFEND})."),
                last_weights: bool = typer.Option(False, "--last-weights",
                                                  help="A training state's last weights, not their average."),
                data_dir: Optional[Path] = DataDir,
-               as_json: bool = typer.Option(False, "--json")):
-    """Where purification takes clean, FGSM and BIM validation images (pdray.ablation)."""
+               as_json: bool = AsJson):
+    """Where purification takes clean and attacked validation images (pdray.ablation)."""
     from pdray import ablation
 
     emit(ablation.run(dataset, pixelcnn, classifier, n_images=n_images, jpeg_quality=jpeg_quality,
+                      attack_names=tuple(_list(attacks)),
                       eps_attack=eps_attack, eps_defend=eps_defend, last_weights=last_weights,
                       data_dir=data_dir), as_json)
 
@@ -303,12 +319,17 @@ def bench_pipeline(dataset: str = typer.Option(EVAL["dataset"], "--dataset"),
                    attacks: str = typer.Option("fgsm", "--attacks", help="Comma-separated."),
                    eps_attack: str = typer.Option("8", "--eps-attack", help="Comma-separated."),
                    data_dir: Optional[Path] = DataDir,
-                   as_json: bool = typer.Option(False, "--json")):
+                   as_json: bool = AsJson):
     """The Ray pipeline's images/s against the bare stage loop, in one run."""
     from pdray import bench
 
     emit(bench.bench_pipeline(dataset, n_images, shards, tuple(_list(attacks)),
                               tuple(_list(eps_attack, float)), data_dir=data_dir), as_json)
+
+
+def _scaling(workers: int, cpus_per_worker: int, gpu: bool, runs_dir: Path) -> Scaling:
+    return Scaling(num_workers=workers, use_gpu=gpu, cpus_per_worker=cpus_per_worker,
+                   runs_dir=str(runs_dir))
 
 
 @train_app.command("classifier")
@@ -323,15 +344,9 @@ def train_classifier(
                                       help="Stop after N steps (smoke runs)."),
         eval_images: int = typer.Option(CLASSIFIER["eval_images"], "--eval-images"),
         data_dir: Optional[Path] = DataDir,
-        resume_from: Optional[Path] = typer.Option(None, "--resume-from",
-                                                   help="A training-state file to start from."),
-        workers: int = typer.Option(SCALING["num_workers"], "--workers",
-                                    help="Ray Train data-parallel workers."),
-        cpus_per_worker: int = typer.Option(SCALING["cpus_per_worker"], "--cpus-per-worker"),
-        gpu: bool = typer.Option(SCALING["use_gpu"], "--gpu", help="One GPU per worker."),
-        runs_dir: Path = typer.Option(Path(SCALING["runs_dir"]), "--runs-dir"),
-        ship: bool = typer.Option(False, "--ship", help="Export into the package's weights."),
-        as_json: bool = typer.Option(False, "--json")):
+        resume_from: Optional[Path] = ResumeFrom, workers: int = Workers,
+        cpus_per_worker: int = CpusPerWorker, gpu: bool = Gpu, runs_dir: Path = RunsDir,
+        ship: bool = Ship, as_json: bool = AsJson):
     """Train a Table 1 classifier; rerunning the same command resumes it."""
     from pdray import train
 
@@ -339,9 +354,8 @@ def train_classifier(
                            batch_size=batch_size, lr=lr, max_steps=max_steps,
                            eval_images=eval_images, data_dir=str(data_dir) if data_dir else None,
                            resume_from=str(resume_from) if resume_from else None)
-    scaling = Scaling(num_workers=workers, use_gpu=gpu, cpus_per_worker=cpus_per_worker,
-                      runs_dir=str(runs_dir))
-    emit(train.train_classifier(cfg, scaling, ship=ship), as_json)
+    emit(train.train_classifier(cfg, _scaling(workers, cpus_per_worker, gpu, runs_dir), ship=ship),
+         as_json)
 
 
 @train_app.command("pixelcnn")
@@ -373,14 +387,14 @@ def train_pixelcnn(
         noise: float = typer.Option(PIXELCNN["noise"], "--noise", min=0.0, max=64.0,
                                     help="Gaussian noise of this std (levels) on every training "
                                          "batch; test bits/dim stay on clean images. 0: off."),
+        context_noise: float = typer.Option(
+            PIXELCNN["context_noise"], "--context-noise", min=0.0, max=64.0,
+            help="Gaussian noise of this std (levels) on what each sub-pixel is conditioned on, "
+                 "the targets clean. 0: off."),
         data_dir: Optional[Path] = DataDir,
-        resume_from: Optional[Path] = typer.Option(None, "--resume-from"),
-        workers: int = typer.Option(SCALING["num_workers"], "--workers"),
-        cpus_per_worker: int = typer.Option(SCALING["cpus_per_worker"], "--cpus-per-worker"),
-        gpu: bool = typer.Option(SCALING["use_gpu"], "--gpu"),
-        runs_dir: Path = typer.Option(Path(SCALING["runs_dir"]), "--runs-dir"),
-        ship: bool = typer.Option(False, "--ship"),
-        as_json: bool = typer.Option(False, "--json")):
+        resume_from: Optional[Path] = ResumeFrom, workers: int = Workers,
+        cpus_per_worker: int = CpusPerWorker, gpu: bool = Gpu, runs_dir: Path = RunsDir,
+        ship: bool = Ship, as_json: bool = AsJson):
     """Train the PixelCNN density model; rerunning the same command resumes it."""
     from pdray import train
 
@@ -388,12 +402,11 @@ def train_pixelcnn(
                          logistic=logistic, head=head, mixtures=mixtures, compile=compile,
                          steps=steps, batch_size=batch_size, lr=lr, grad_clip=grad_clip,
                          report_every=report_every, eval_images=eval_images,
-                         jpeg_quality=jpeg_quality, noise=noise,
+                         jpeg_quality=jpeg_quality, noise=noise, context_noise=context_noise,
                          data_dir=str(data_dir) if data_dir else None,
                          resume_from=str(resume_from) if resume_from else None)
-    scaling = Scaling(num_workers=workers, use_gpu=gpu, cpus_per_worker=cpus_per_worker,
-                      runs_dir=str(runs_dir))
-    emit(train.train_pixelcnn(cfg, scaling, ship=ship), as_json)
+    emit(train.train_pixelcnn(cfg, _scaling(workers, cpus_per_worker, gpu, runs_dir), ship=ship),
+         as_json)
 
 
 def run(fn, *args, **kwargs):

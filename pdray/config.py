@@ -115,6 +115,14 @@ def eps_defend_for(dataset: str | Dataset, eps_defend: int | None = None) -> int
                      "eps_defend")
 
 
+# The smaller commands' defaults (pdray detect, ablate, adaptive-threshold, models evaluate).
+PROBE_EPS_ATTACK = 8        # the eps_attack both datasets' tables share
+PROBE_ATTACKS = (Attack.FGSM.value, Attack.BIM.value)  # the ablation's, by default
+DETECT_IMAGES = 500         # first N test images that Claim 1's detection attacks and scores
+VALIDATION_IMAGES = 256     # first N validation images (adaptive's threshold, the ablation)
+METRIC_IMAGES = 1000        # first N test images a shipped model's metric is recomputed on
+
+
 # ---- the shipped models' names -------------------------------------------------------------
 
 def classifier_name(dataset: str | Dataset, arch: str = Arch.RESNET.value,
@@ -124,10 +132,12 @@ def classifier_name(dataset: str | Dataset, arch: str = Arch.RESNET.value,
 
 
 def pixelcnn_name(dataset: str | Dataset, head: str = Head.FREE.value,
-                  jpeg_quality: int = 0, noise: float = 0.0) -> str:
-    """fmnist-pixelcnn, fmnist-pixelcnn-mixture, fmnist-pixelcnn-jpeg44, cifar10-pixelcnn-noise8..."""
+                  jpeg_quality: int = 0, noise: float = 0.0, context_noise: float = 0.0) -> str:
+    """fmnist-pixelcnn, fmnist-pixelcnn-mixture, fmnist-pixelcnn-jpeg44, cifar10-pixelcnn-noise8,
+    cifar10-pixelcnn-ctxnoise8..."""
     return (f"{parse_dataset(dataset).value}-pixelcnn" + (f"-{head}" if head != Head.FREE else "")
-            + (f"-jpeg{jpeg_quality}" if jpeg_quality else "") + (f"-noise{noise:g}" if noise else ""))
+            + (f"-jpeg{jpeg_quality}" if jpeg_quality else "") + (f"-noise{noise:g}" if noise else "")
+            + (f"-ctxnoise{context_noise:g}" if context_noise else ""))
 
 
 def defaults(cls) -> dict:
@@ -274,18 +284,23 @@ class PixelCNNConfig:
     jpeg_quality: int = 0          # > 0: train and score on JPEG copies (pdray.ablation's control)
     noise: float = 0.0             # > 0: Gaussian noise of this std (levels) on each training
                                    # batch, rounded and clipped; test bits/dim stay on clean images
+    context_noise: float = 0.0     # > 0: the same noise on what each sub-pixel is conditioned on
+                                   # only, the targets clean: a model that predicts the clean value
+                                   # from a perturbed past (purification's situation)
     data_dir: str | None = None
     resume_from: str | None = None
 
     @property
     def name(self) -> str:
-        return pixelcnn_name(self.dataset, self.head, self.jpeg_quality, self.noise)
+        return pixelcnn_name(self.dataset, self.head, self.jpeg_quality, self.noise,
+                             self.context_noise)
 
     def resolved(self) -> PixelCNNConfig:
         cfg = replace(self, dataset=parse_dataset(self.dataset).value,
                       head=parse_choice(Head, self.head, "PixelCNN head").value)
         if cfg.batch_size < 1 or cfg.report_every < 1:
             raise PdrayError("batch_size and report_every must be at least 1.")
-        if not 0.0 <= cfg.noise <= 64.0:
-            raise PdrayError(f"noise must be a std between 0 and 64 levels; got {cfg.noise}.")
+        for what, std in (("noise", cfg.noise), ("context_noise", cfg.context_noise)):
+            if not 0.0 <= std <= 64.0:
+                raise PdrayError(f"{what} must be a std between 0 and 64 levels; got {std}.")
         return cfg

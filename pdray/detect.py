@@ -14,7 +14,8 @@ import torch
 
 from pdray import attacks, data, zoo
 from pdray.cluster import torch_device
-from pdray.config import check_eps, classifier_name, parse_attack, parse_dataset, pixelcnn_name
+from pdray.config import (DETECT_IMAGES, PROBE_EPS_ATTACK, check_eps, classifier_name, parse_attack,
+                          parse_dataset, pixelcnn_name)
 from pdray.errors import PdrayError
 from pdray.files import save_npy, sha256
 from pdray.pixelcnn import bits_per_dim, log_prob_from_bpd
@@ -56,7 +57,8 @@ def train_log_likelihoods(name: str) -> np.ndarray:
     return np.load(path, allow_pickle=False)
 
 
-def detect(dataset: str, attack: str, eps_attack: int, n_images: int, data_dir=None,
+def detect(dataset: str, attack: str, eps_attack: int = PROBE_EPS_ATTACK,
+           n_images: int = DETECT_IMAGES, data_dir=None,
            classifier: str | None = None, pixelcnn: str | None = None) -> dict:
     """Attack the first n test images of the shipped normal ResNet and measure how well
     the PixelCNN tells them from clean training images."""

@@ -146,8 +146,8 @@ class ChannelHead(nn.Module):
         values = [x[:, k] for k in range(x.shape[1])]
         return torch.stack([self.channel(h, c, values[:c]) for c in range(len(self.out))], dim=1)
 
-    def log_prob(self, h, x):  # -> (B, C, H, W) nats of each observed sub-pixel
-        logp = F.log_softmax(self.forward(h, x), dim=-1)
+    def log_prob(self, h, x, context=None):  # -> (B, C, H, W) nats of each observed sub-pixel
+        logp = F.log_softmax(self.forward(h, x if context is None else context), dim=-1)
         return logp.gather(-1, x.unsqueeze(-1)).squeeze(-1)
 
 
@@ -206,12 +206,13 @@ class MixtureHead(nn.Module):
         values = [x[:, k] for k in range(x.shape[1])]
         return torch.stack([self.channel(h, c, values[:c]) for c in range(len(self.params))], dim=1)
 
-    def log_prob(self, h, x):  # -> (B, C, H, W) nats of each observed sub-pixel
-        values = [x[:, k] for k in range(x.shape[1])]
+    def log_prob(self, h, x, context=None):  # -> (B, C, H, W) nats of each observed sub-pixel
+        context = x if context is None else context
+        previous = [context[:, k] for k in range(x.shape[1])]
         out = []
         for c in range(len(self.params)):
-            log_w, mean, log_scale = self._components(h, c, values[:c])
-            lower, upper = (e.to(h.dtype).unsqueeze(-1) for e in _edges(values[c]))
+            log_w, mean, log_scale = self._components(h, c, previous[:c])
+            lower, upper = (e.to(h.dtype).unsqueeze(-1) for e in _edges(x[:, c]))
             logp = discretized_logistic_log_prob(lower, upper, mean, log_scale)  # (B, H, W, K)
             out.append(torch.logsumexp(log_w + logp, dim=-1))
         return torch.stack(out, dim=1)
@@ -262,13 +263,16 @@ class PixelCNN(nn.Module):
         h = self.features(x).permute(0, 2, 3, 1)  # (B, H, W, F)
         return self.head(h, x)
 
-    def log_prob(self, x):  # (B, C, H, W) 0..255 -> (B,) log p(x) in nats
+    def log_prob(self, x, context=None):  # (B, C, H, W) 0..255 -> (B,) log p(x) in nats
+        """``context``: what each sub-pixel is conditioned on, if not ``x`` itself (training
+        with noise on the context only: predict the clean value from a perturbed past)."""
         x = x.long()
-        h = self.features(x).permute(0, 2, 3, 1)
-        return self.head.log_prob(h, x).flatten(1).sum(1)
+        context = x if context is None else context.long()
+        h = self.features(context).permute(0, 2, 3, 1)
+        return self.head.log_prob(h, x, context).flatten(1).sum(1)
 
-    def bpd(self, x):  # (B, C, H, W) -> (B,) bits per dimension
-        return bpd_from_log_prob(self.log_prob(x), x[0].numel())
+    def bpd(self, x, context=None):  # (B, C, H, W) -> (B,) bits per dimension
+        return bpd_from_log_prob(self.log_prob(x, context), x[0].numel())
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -105,8 +105,8 @@ class BitsPerDim(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x):  # (B, C, H, W) 0..255 -> (B,) bits per dimension
-        return self.model.bpd(x)
+    def forward(self, x, context=None):  # (B, C, H, W) 0..255 -> (B,) bits per dimension
+        return self.model.bpd(x, context)
 
 
 def averaged(model: nn.Module, cfg: PixelCNNConfig) -> AveragedModel:
@@ -121,15 +121,17 @@ def averaged(model: nn.Module, cfg: PixelCNNConfig) -> AveragedModel:
 
 def pixelcnn_step(objective: nn.Module, core: nn.Module, ema: AveragedModel,
                   opt: torch.optim.Optimizer, x: torch.Tensor, step: int,
-                  cfg: PixelCNNConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """One maximum-likelihood step on pixels ``x``: Adam at cfg.lr * cfg.lr_decay ** step,
+                  cfg: PixelCNNConfig, context: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One maximum-likelihood step on pixels ``x`` (each conditioned on ``context`` if
+    given, else on ``x``): Adam at cfg.lr * cfg.lr_decay ** step,
     the gradient clipped to cfg.grad_clip (0: off), then the average updated. ``objective``
     is BitsPerDim around ``core`` (wrapped for DDP, compiled, or neither). Returns the
     batch's mean bits/dim and the gradient norm before clipping."""
     core.train()
     for g in opt.param_groups:
         g["lr"] = cfg.lr * cfg.lr_decay ** step
-    loss = objective(x).mean()  # through the wrapped module, so DDP syncs
+    loss = objective(x, context).mean()  # through the wrapped module, so DDP syncs
     opt.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(core.parameters(), cfg.grad_clip or float("inf"))

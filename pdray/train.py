@@ -214,9 +214,10 @@ def pixelcnn_loop(config: dict) -> None:
     per_epoch = len(train_x) // cfg.batch_size
     noise = torch.Generator().manual_seed(cfg.seed)
 
-    def batch(idx) -> torch.Tensor:
+    def batch(idx) -> tuple[torch.Tensor, torch.Tensor | None]:  # (targets, context)
         x = to_nchw(train_x[idx], device)
-        return recipes.noisy(x, cfg.noise, noise) if cfg.noise else x
+        x = recipes.noisy(x, cfg.noise, noise) if cfg.noise else x
+        return x, recipes.noisy(x, cfg.context_noise, noise) if cfg.context_noise else None
 
     def checkpoint(train_bpd: float | None) -> None:
         n_eval = min(cfg.eval_images, len(test_x))
@@ -244,8 +245,9 @@ def pixelcnn_loop(config: dict) -> None:
         for s_i, idx in worker_batches(len(train_x), cfg.batch_size, cfg.seed, epoch):
             if s_i < s:
                 continue  # resume mid-epoch at the same batch
-            loss, grad_norm = recipes.pixelcnn_step(forward, core, ema, opt,
-                                                    batch(idx), step, cfg)
+            x, context = batch(idx)
+            loss, grad_norm = recipes.pixelcnn_step(forward, core, ema, opt, x, step, cfg,
+                                                    context)
             step += 1
             if step % 20 == 0:
                 print(f"step {step}/{cfg.steps} train bpd {loss.item():.3f} grad norm "

@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from pdray import classifiers, data, pixelcnn
 from pdray.classifiers import predict
+from pdray.config import METRIC_IMAGES
 from pdray.errors import PdrayError
 from pdray.files import atomic_write, sha256
 from pdray.pixelcnn import bits_per_dim
@@ -161,7 +162,7 @@ def adaptive_threshold(name: str) -> dict:
     return e["adaptive_threshold"]
 
 
-def metric(name: str, n_images: int, data_dir: str | Path | None = None,
+def metric(name: str, n_images: int = METRIC_IMAGES, data_dir: str | Path | None = None,
            device: torch.device | str = "cpu") -> dict:
     """A shipped model's metric recomputed on the first ``n_images`` test images:
     accuracy for a classifier, bits/dim for a PixelCNN."""

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from pdray import ablation, train, zoo
+from pdray.errors import PdrayError
 from conftest import tiny_classifier, tiny_pixelcnn
 
 
@@ -28,6 +29,9 @@ def test_probe_reports_where_purification_goes(fmnist_samples):
         assert r["bpd_after"] == pytest.approx(r["bpd_before"])
     assert untouched[0]["input_to_clean"] == 0 and untouched[1]["input_to_clean"] > 0
     assert untouched[1]["perturbation_kept"] == pytest.approx(1.0)  # nothing purified away
+    assert 0.0 <= untouched[1]["auc_vs_clean"] <= 1.0 and "auc_vs_clean" not in untouched[0]
+    # Nothing purified: the model sees the clean past in the clean row either way.
+    assert untouched[0]["mode_to_clean"] == untouched[0]["mode_to_clean_given_clean_past"]
     anywhere = ablation.probe(pixelcnn, classifier, images, labels, eps_defend=255,
                               inputs=("fgsm",))[0]
     # The whole range is feasible: every value is the model's mode, whatever the input was.
@@ -40,9 +44,9 @@ def test_mixture_head_on_jpeg_data_trains_and_its_state_loads(ray_local, tmp_pat
     """The ablation's knobs go through the real training loop, and a training
     state loads as the model it would ship (its averaged weights)."""
     cfg = train.PixelCNNConfig(dataset="fmnist", filters=8, blocks=1, head="mixture", mixtures=2,
-                               jpeg_quality=44, noise=4.0, steps=2, batch_size=8, compile=False,
-                               report_every=2, eval_images=8)
-    assert cfg.name == "fmnist-pixelcnn-mixture-jpeg44-noise4"  # its own run folder and model name
+                               jpeg_quality=44, noise=4.0, context_noise=4.0, steps=2,
+                               batch_size=8, compile=False, report_every=2, eval_images=8)
+    assert cfg.name == "fmnist-pixelcnn-mixture-jpeg44-noise4-ctxnoise4"  # its own run folder
     result = train.train_pixelcnn(cfg, train.Scaling(runs_dir=str(tmp_path)))
     assert result["metrics"]["step"] == 2 and result["metrics"]["test_bpd"] > 0
     state = sorted((tmp_path / cfg.name).glob("checkpoint_*/state.pt"))[-1]
@@ -50,3 +54,9 @@ def test_mixture_head_on_jpeg_data_trains_and_its_state_loads(ray_local, tmp_pat
     assert model.config.head == "mixture" and ckpt["kind"] == "pixelcnn"
     last = ablation.load_density(str(state), last_weights=True)
     assert not torch.equal(last.head.weights.weight, model.head.weights.weight)  # not the average
+
+
+def test_ablate_refuses_bpda_and_unknown_attacks_before_any_work(tmp_path):
+    for names, message in [(("fgsm", "bpda"), "BPDA"), (("fgsn",), "attack")]:
+        with pytest.raises(PdrayError, match=message):  # an empty folder: no data was read
+            ablation.run("fmnist", "fmnist-pixelcnn", attack_names=names, data_dir=tmp_path)

@@ -83,3 +83,18 @@ def test_mixture_head_is_smooth_and_conditions_on_decided_channels():
     diffs = torch.diff(g[:, 1:255], dim=-1)
     for row, m in zip(diffs, modes - 1):
         assert torch.all(row[:m] > 0) and torch.all(row[m + 1:] < 0)
+
+
+@pytest.mark.parametrize("head", ["free", "mixture"])
+def test_log_prob_scores_x_given_the_context_it_is_given(head):
+    """Context-noise training scores the clean sub-pixels conditioned on a perturbed past:
+    the context moves every conditional, including the channels' own (G given R), while
+    the values scored stay x's; without a context it is x's own likelihood."""
+    model = tiny_pixelcnn(3, logistic=True, head=head).double()
+    x = torch.randint(0, 256, (2, 3, 4, 4), generator=torch.Generator().manual_seed(2))
+    context = (x + torch.randint(-8, 9, x.shape)).clamp(0, 255)
+    with torch.no_grad():
+        assert torch.equal(model.log_prob(x, x), model.log_prob(x))
+        logp = torch.log_softmax(model(context), -1).gather(-1, x[..., None]).squeeze(-1)
+        assert torch.allclose(model.log_prob(x, context), logp.flatten(1).sum(1), rtol=1e-12)
+        assert not torch.allclose(model.log_prob(x, context), model.log_prob(x))

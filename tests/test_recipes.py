@@ -53,5 +53,8 @@ def test_the_pixelcnn_step_lowers_the_loss_and_averages_the_weights(fmnist_sampl
     losses = [recipes.pixelcnn_step(objective, model, ema, opt, x, step, cfg)[0].item()
               for step in range(5)]
     assert losses[-1] < losses[0]
+    context = recipes.noisy(x, 8.0, torch.Generator().manual_seed(0))
+    loss, _ = recipes.pixelcnn_step(objective, model, ema, opt, x, 5, cfg, context)
+    assert torch.isfinite(loss) and loss.item() != pytest.approx(objective(x).mean().item())
     averaged, last = ema.module.state_dict(), model.state_dict()
     assert any(not torch.equal(averaged[k], last[k]) for k in last)
