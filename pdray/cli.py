@@ -14,10 +14,11 @@ from typing import Optional
 
 import typer
 
-from pdray.config import (DEFENSES, DETECT_IMAGES, EPS_ATTACK, EPS_DEFEND, METRIC_IMAGES,
-                          PAPER_ATTACKS, PROBE_ATTACKS, PROBE_EPS_ATTACK, THROUGH_DEFENSE,
-                          VALIDATION_IMAGES, Arch, Attack, ClassifierConfig, Dataset, EvalConfig,
-                          Method, PixelCNNConfig, Recipe, RunOptions, Scaling, Schedule, choices,
+from pdray.config import (DEFENSES, DETECT_IMAGES, EPS_ATTACK, EPS_DEFEND, GPU_PURIFY_BATCH,
+                          METRIC_IMAGES, PAPER_ATTACKS, PROBE_ATTACKS, PROBE_EPS_ATTACK,
+                          THROUGH_DEFENSE, VALIDATION_IMAGES, Arch, Attack, ClassifierConfig,
+                          Dataset, Device, EvalConfig, Method, PixelCNNConfig, Recipe, RunOptions,
+                          Scaling, Schedule, choices,
                           defaults)
 from pdray.errors import PdrayError, parse_choice
 
@@ -170,20 +171,25 @@ def purify_cmd(input: Path = typer.Option(..., "--input", help="uint8 NHWC .npy 
 
 @bench_app.command("purify")
 def bench_purify(dataset: str = typer.Option(..., "--dataset"),
-                 n_images: int = typer.Option(64, "--n-images"),
-                 batch_size: int = typer.Option(EVAL["purify_batch"], "--batch-size"),
+                 n_images: Optional[int] = typer.Option(None, "--n-images",
+                                                        help="Default: one batch."),
+                 batch_size: Optional[int] = typer.Option(
+                     None, "--batch-size", help=f"Default: {EVAL['purify_batch']} on the CPU, "
+                                                f"{GPU_PURIFY_BATCH} on a GPU."),
                  eps_defend: Optional[int] = typer.Option(
                      None, "--eps-defend", help=f"Default: the paper's ({PAPER_EPS_DEFEND})."),
                  reference_steps: int = typer.Option(32, "--reference-steps"),
                  agreement_images: int = typer.Option(2, "--agreement-images"),
                  data_dir: Optional[Path] = DataDir,
                  art: bool = typer.Option(False, "--art", help="Also time IBM ART 1.20.1's PixelDefend."),
+                 device: str = typer.Option("auto", "--device", help=f"{choices(Device)}; "
+                                            f"auto is CUDA when torch sees a GPU."),
                  as_json: bool = AsJson):
     """Reference vs fast purifier on the same shipped model, images and batch."""
     from pdray import bench
 
     emit(bench.bench_purify(dataset, n_images, batch_size, eps_defend, reference_steps,
-                            agreement_images, data_dir, art=art), as_json)
+                            agreement_images, data_dir, art=art, device=device), as_json)
 
 
 @app.command("adaptive-threshold")

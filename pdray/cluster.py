@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 import pdray
-from pdray.errors import PdrayError
+from pdray.config import Device
+from pdray.errors import PdrayError, parse_choice
 
 # Ray's default object store takes 30% of RAM; pdray's batches are small images.
 LOCAL_OBJECT_STORE_BYTES = 1 << 30
@@ -46,9 +47,19 @@ def require_gpus(n: int) -> None:
                          f"nodes (see cluster.yaml).")
 
 
-def torch_device() -> torch.device:
-    """The device torch can use here; Ray's GPU bookkeeping alone does not make CUDA real."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def torch_device(device: str = "auto") -> torch.device:
+    """The device torch can use here; Ray's GPU bookkeeping alone does not make CUDA real.
+    ``cuda`` where torch sees no GPU is an error: a run asked for on a GPU and silently
+    made on the CPU would measure the wrong thing."""
+    choice = parse_choice(Device, device, "device")
+    if choice is Device.CUDA and not torch.cuda.is_available():
+        build = (f"a CUDA {torch.version.cuda} build, no GPU visible" if torch.version.cuda
+                 else "a CPU-only build")
+        raise PdrayError(f"--device cuda, but torch {torch.__version__} ({build}) sees no CUDA "
+                         f"GPU here. Use --device cpu or auto, or run on a machine with a GPU "
+                         f"and a CUDA build of torch.")
+    use_cuda = choice is Device.CUDA or choice is Device.AUTO and torch.cuda.is_available()
+    return torch.device("cuda" if use_cuda else "cpu")
 
 
 def placement() -> str:

@@ -71,6 +71,13 @@ class Method(str, Enum):
     REFERENCE = "reference"
 
 
+class Device(str, Enum):
+    """Where torch runs (pdray.cluster.torch_device): auto is CUDA when torch sees a GPU."""
+    AUTO = "auto"
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
 def parse_dataset(name: str | Dataset) -> Dataset:
     return parse_choice(Dataset, name, "dataset")
 
@@ -101,6 +108,9 @@ DEFENSES = [d.value for d in Defense]
 # CIFAR-10: Table 1; Fashion-MNIST as recalled in FIELD-NOTES.
 EPS_ATTACK = {Dataset.FMNIST: [8, 25], Dataset.CIFAR10: [2, 8, 16]}
 EPS_DEFEND = {Dataset.FMNIST: 32, Dataset.CIFAR10: 16}
+# The fast purifier steps through the pixels one at a time whatever the batch, so on a GPU
+# images/s grows with the batch; bench/gpu-check.sh measures 256 and 1024.
+GPU_PURIFY_BATCH = 1024
 
 
 def eps_attack_for(dataset: str | Dataset, eps_attack: list[int] | None = None) -> list[int]:
