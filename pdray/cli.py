@@ -18,8 +18,7 @@ from pdray.config import (DEFENSES, DETECT_IMAGES, EPS_ATTACK, EPS_DEFEND, GPU_P
                           METRIC_IMAGES, PAPER_ATTACKS, PROBE_ATTACKS, PROBE_EPS_ATTACK,
                           THROUGH_DEFENSE, VALIDATION_IMAGES, Arch, Attack, ClassifierConfig,
                           Dataset, Device, EvalConfig, Method, PixelCNNConfig, Recipe, RunOptions,
-                          Scaling, Schedule, choices,
-                          defaults)
+                          Scaling, Schedule, choices, defaults)
 from pdray.errors import PdrayError, parse_choice
 
 EVAL = defaults(EvalConfig)
