@@ -179,10 +179,10 @@ def bench_pipeline(dataset: str = "fmnist", n_images: int = 512, shards: int = 1
                    attack_names: tuple[str, ...] = ("fgsm",), eps_attack: tuple[int, ...] = (8,),
                    defenses: tuple[str, ...] = ("none", "pixeldefend"), data_dir=None,
                    out: str | None = None) -> dict:
-    """The Ray pipeline against the bare loop over the same stage code, images and
-    settings: one attacker and one purifier, so the ratio is Ray's overhead (or the gain
-    from running the two stages side by side on two cores). Ray itself is started before
-    the clock starts; starting the actor processes and loading models in them is timed."""
+    """The Ray pipeline, as ``pdray eval`` runs it by default (one attacker, a purifier
+    pool that grows into the CPUs the attacks free), against the bare loop over the same
+    stage code, images and settings. Ray itself is started before the clock starts;
+    starting the actor processes and loading models in them is timed."""
     from pdray import pipeline  # Ray's second of start-up, which bench purify does without
 
     cfg = pipeline.resolve(EvalConfig(
@@ -192,8 +192,7 @@ def bench_pipeline(dataset: str = "fmnist", n_images: int = 512, shards: int = 1
     init_ray()
     with tempfile.TemporaryDirectory() as tmp, PeakMemory() as mem:
         _, pipeline_s = _timed(lambda: pipeline.run(
-            cfg, RunOptions(out=out or tmp, data_dir=data_dir, num_attackers=1,
-                            num_purifiers=1, gpus="0"),
+            cfg, RunOptions(out=out or tmp, data_dir=data_dir, gpus="0"),
             log=lambda *_: None))
     shards_ids = [s.tolist() for s in data.shard_indices(cfg.n_images, cfg.shards)]
 

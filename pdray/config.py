@@ -221,7 +221,7 @@ class RunOptions:
     shard: int | None = None        # rerun only this shard
     resume: bool = False            # skip shards that have a marker
     num_attackers: int = 1
-    num_purifiers: int | None = None  # default: one per GPU, else 1
+    num_purifiers: int | None = None  # default: one per GPU, else 1 growing into free CPUs
     attacker_cpus: float = 1.0      # CPUs Ray reserves per actor; on a CPU-only machine the
     purifier_cpus: float = 1.0      # attacks dominate, so give them the cores (purifier 0)
     gpus: str = "auto"              # "auto": a GPU per purifier if the cluster has any; or "0"

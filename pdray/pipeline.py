@@ -266,9 +266,9 @@ def _evaluate(cfg: EvalConfig, opts: RunOptions, shards: list[list[int]], todo: 
     appending its number to ``written``; returns where the purifiers ran."""
     cluster.init_ray()
     gpus = cluster.gpus_available() if opts.gpus == "auto" else int(opts.gpus)
-    num_purifiers = opts.num_purifiers or max(1, gpus)
     if gpus:
-        cluster.require_gpus(num_purifiers)
+        cluster.require_gpus(opts.num_purifiers or gpus)
+    purifiers = _purifier_pool(opts, gpus)
     ctx = DataContext.get_current()
     ctx.wait_for_min_actors_s = 600  # a GPU the cluster never gets fails instead of hanging
     # PixelDefend's float32 argmax can depend on which images share a purifier batch, and
@@ -278,7 +278,7 @@ def _evaluate(cfg: EvalConfig, opts: RunOptions, shards: list[list[int]], todo: 
     per_image = cfg.rows_per_image()
     expected = {k: len(shards[k]) * per_image for k in todo}
     log(f"evaluating {sum(len(shards[k]) for k in todo)} images in {len(todo)} shard(s): "
-        f"{per_image} rows per image; {opts.num_attackers} attacker(s), {num_purifiers} "
+        f"{per_image} rows per image; {opts.num_attackers} attacker(s), {_size(purifiers)} "
         f"purifier(s){' on GPUs' if gpus else ' on CPU'}")
 
     ds = (ray.data.from_items([{"shard": k} for k in todo], override_num_blocks=len(todo))
@@ -289,7 +289,7 @@ def _evaluate(cfg: EvalConfig, opts: RunOptions, shards: list[list[int]], todo: 
           .map_batches(PurifierStage, batch_size=cfg.purify_batch,
                        num_cpus=opts.purifier_cpus, num_gpus=1 if gpus else 0,
                        fn_constructor_kwargs={"cfg": asdict(cfg)},
-                       compute=ActorPoolStrategy(size=num_purifiers)))
+                       compute=purifiers))
     pending, t0 = defaultdict(list), time.time()
     for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
         for k, rows in batch.groupby("shard"):
@@ -304,4 +304,21 @@ def _evaluate(cfg: EvalConfig, opts: RunOptions, shards: list[list[int]], todo: 
                     f"{len(expected)} to go")
     if expected:
         raise PdrayError(f"shards {sorted(expected)} came back incomplete; rerun with --resume.")
-    return {"purifiers": num_purifiers, "gpus": gpus}
+    return {"purifiers": _size(purifiers), "gpus": gpus}
+
+
+def _purifier_pool(opts: RunOptions, gpus: int) -> ActorPoolStrategy:
+    """Fixed when asked for (--num-purifiers) or on GPUs (one each). On CPUs a pool that
+    starts with one purifier and grows as CPUs free up: once the attacks are done, their
+    CPUs go to more purifiers. Two one-thread purifiers outrun one two-thread one, whose
+    per-pixel steps are too small to split well between threads."""
+    if opts.num_purifiers or gpus:
+        return ActorPoolStrategy(size=opts.num_purifiers or gpus)
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    most = cpus if opts.purifier_cpus <= 0 else int(cpus // opts.purifier_cpus)
+    return ActorPoolStrategy(min_size=1, max_size=max(1, most))
+
+
+def _size(pool: ActorPoolStrategy) -> str:
+    return (str(pool.min_size) if pool.min_size == pool.max_size
+            else f"{pool.min_size} to {pool.max_size}")

@@ -289,3 +289,17 @@ def test_each_defense_row_holds_the_images_made_against_it(monkeypatch):
             rows = df[(df.attack == attack) & (df.defense == d)].sort_values("image_id")
             got = np.stack([np.frombuffer(b, np.uint8) for b in rows.image_input])
             assert np.array_equal(got, made[d].reshape(len(clean), -1)), (attack, d)
+
+
+def test_cpu_purifiers_grow_into_the_free_cpus_unless_fixed():
+    """On CPUs the purifier pool starts at one and may grow to what the CPUs hold (the
+    attacks' CPUs, once they are done); --num-purifiers or GPUs fix its size."""
+    local_ray()  # two CPUs
+    pool = pipeline._purifier_pool
+    assert (pool(RunOptions(), 0).min_size, pool(RunOptions(), 0).max_size) == (1, 2)
+    assert pool(RunOptions(purifier_cpus=0.5), 0).max_size == 4
+    assert pool(RunOptions(purifier_cpus=0), 0).max_size == 2
+    asked, on_gpus = pool(RunOptions(num_purifiers=3), 0), pool(RunOptions(), 2)
+    assert (asked.min_size, asked.max_size) == (3, 3)
+    assert (on_gpus.min_size, on_gpus.max_size) == (2, 2)
+    assert pipeline._size(pool(RunOptions(), 0)) == "1 to 2"
