@@ -17,8 +17,8 @@ from PIL import Image
 from pdray import attacks, data, purify, zoo
 from pdray.classifiers import predict
 from pdray.cluster import torch_device
-from pdray.config import (PROBE_ATTACKS, PROBE_EPS_ATTACK, VALIDATION_IMAGES, Attack, check_eps,
-                          classifier_name, eps_defend_for, parse_attack)
+from pdray.config import (PROBE_ATTACKS, PROBE_EPS_ATTACK, THROUGH_DEFENSE, VALIDATION_IMAGES,
+                          check_eps, classifier_name, eps_defend_for, parse_attack)
 from pdray.errors import PdrayError
 from pdray.pixelcnn import bits_per_dim
 from pdray.pixels import to_nchw, to_nhwc
@@ -135,8 +135,9 @@ def run(dataset: str, pixelcnn: str, classifier: str | None = None, *,
     training split: never tune on the test set), optionally JPEG-compressed first."""
     check_eps(eps_attack)
     attack_names = tuple(parse_attack(a).value for a in attack_names)
-    if Attack.BPDA.value in attack_names:
-        raise PdrayError("The ablation probes transfer attacks; BPDA runs in `pdray eval`.")
+    if set(attack_names) & set(THROUGH_DEFENSE):
+        raise PdrayError("The ablation probes transfer attacks; BPDA and BPDA-soft run in "
+                         "`pdray eval`.")
     eps_defend = eps_defend_for(dataset, eps_defend)  # both before any work
     d = data.load(dataset, data_dir)
     split = d.validation

@@ -236,6 +236,27 @@ def ablate_cmd(dataset: str = typer.Option(..., "--dataset"),
                       data_dir=data_dir), as_json)
 
 
+@app.command("appendix-e")
+def appendix_e_cmd(dataset: str = typer.Option("cifar10", "--dataset", help=choices(Dataset)),
+                   n_images: int = typer.Option(10, "--n-images", help="First N test images."),
+                   eps_attack: int = typer.Option(PROBE_EPS_ATTACK, "--eps-attack",
+                                                  help="FGSM's eps_attack."),
+                   eps_defend: Optional[int] = typer.Option(
+                       None, "--eps-defend", help=f"Default: the paper's ({PAPER_EPS_DEFEND})."),
+                   starts: int = typer.Option(100, "--starts",
+                                              help="L-BFGS-B runs per image, from random points."),
+                   maxiter: int = typer.Option(100, "--maxiter",
+                                               help="L-BFGS-B's iteration limit per run."),
+                   out: Path = typer.Option(..., "--out",
+                                            help="Folder for appendix_e.csv and appendix_e.png."),
+                   data_dir: Optional[Path] = DataDir, as_json: bool = AsJson):
+    """The paper's Appendix E: greedy decoding against L-BFGS-B on FGSM images (Figure 3)."""
+    from pdray import appendix_e
+
+    emit(appendix_e.run(dataset, n_images=n_images, eps_attack=eps_attack, eps_defend=eps_defend,
+                        starts=starts, maxiter=maxiter, out=out, data_dir=data_dir), as_json)
+
+
 def _list(value: Optional[str], cast=str, option: str = "a list option"):
     """A comma list, each item cast; a bad item is one error, not a traceback."""
     try:

@@ -298,6 +298,19 @@ class PixelCNN(nn.Module):
         h = self.features(context).permute(0, 2, 3, 1)
         return self.head.log_prob(h, x, context).flatten(1).sum(1)
 
+    def log_prob_continuous(self, x):  # (B, C, H, W) float in [0, 255] -> (B,) nats
+        """log p at pixels between whole levels, for gradient-based purification (the
+        paper's Appendix E): the network reads x as it is, and each sub-pixel's
+        log-probability is interpolated linearly between its two nearest levels. At whole
+        levels it is ``log_prob``."""
+        h = self.features(x).permute(0, 2, 3, 1)
+        logp = F.log_softmax(self.head(h, x), dim=-1)  # (B, C, H, W, 256)
+        lo = x.detach().floor().clamp(0, 254)
+        frac = x - lo
+        lo = lo.long().unsqueeze(-1)
+        below, above = logp.gather(-1, lo).squeeze(-1), logp.gather(-1, lo + 1).squeeze(-1)
+        return (below * (1 - frac) + above * frac).flatten(1).sum(1)
+
     def bpd(self, x, context=None):  # (B, C, H, W) -> (B,) bits per dimension
         return bpd_from_log_prob(self.log_prob(x, context), x[0].numel())
 

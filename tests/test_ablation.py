@@ -57,6 +57,7 @@ def test_mixture_head_on_jpeg_data_trains_and_its_state_loads(ray_local, tmp_pat
 
 
 def test_ablate_refuses_bpda_and_unknown_attacks_before_any_work(tmp_path):
-    for names, message in [(("fgsm", "bpda"), "BPDA"), (("fgsn",), "attack")]:
+    for names, message in [(("fgsm", "bpda"), "BPDA"), (("bpda-soft",), "BPDA-soft"),
+                           (("fgsn",), "attack")]:
         with pytest.raises(PdrayError, match=message):  # an empty folder: no data was read
             ablation.run("fmnist", "fmnist-pixelcnn", attack_names=names, data_dir=tmp_path)
