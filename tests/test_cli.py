@@ -66,6 +66,7 @@ DATA_DIR_COMMANDS = {  # every command that takes --data-dir, with its other opt
     "detect": ["--dataset", "fmnist", "--attack", "fgsm"],
     "adaptive-threshold": ["--dataset", "fmnist"],
     "ablate": ["--dataset", "fmnist", "--pixelcnn", "fmnist-pixelcnn", "--eps-defend", "32"],
+    "appendix-e": ["--dataset", "fmnist", "--out", "{tmp}/out"],
     "eval": ["--out", "{tmp}/out"],
     "bench purify": ["--dataset", "fmnist"],
     "bench pipeline": [],
