@@ -11,7 +11,6 @@ image is scored with the exact bits/dim.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +22,8 @@ from pdray import attacks, data, purify, zoo
 from pdray.cluster import torch_device
 from pdray.config import check_eps, classifier_name, eps_defend_for, pixelcnn_name
 from pdray.errors import PdrayError
-from pdray.files import atomic_write
-from pdray.pixelcnn import PixelCNN, bits_per_dim
+from pdray.files import atomic_write, check_writable
+from pdray.pixelcnn import PixelCNN, bits_per_dim, bpd_from_log_prob
 
 KINDS = ["clean", "fgsm", "greedy", "lbfgsb"]  # Figure 3's four distributions
 
@@ -38,11 +37,10 @@ def lbfgsb_purify(model: PixelCNN, image: np.ndarray, eps_defend: int, starts: i
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     x = image.transpose(2, 0, 1).astype(np.float64)  # CHW
     lo, hi = np.maximum(x - eps_defend, 0).ravel(), np.minimum(x + eps_defend, 255).ravel()
-    per_bit = x.size * math.log(2)
 
     def bpd_and_grad(z):
         t = torch.tensor(z.reshape(1, *x.shape), dtype=dtype, device=device, requires_grad=True)
-        bpd = -model.log_prob_continuous(t).sum() / per_bit
+        bpd = bpd_from_log_prob(model.log_prob_continuous(t).sum(), x.size)
         grad, = torch.autograd.grad(bpd, t)
         return bpd.item(), grad.double().cpu().numpy().ravel()
 
@@ -80,6 +78,7 @@ def run(dataset: str, *, n_images: int = 10, eps_attack: int = 8, eps_defend: in
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise PdrayError(f"Cannot write to {out} ({e.strerror}).") from None
+    check_writable(out / "appendix_e.csv")  # now, not after hours of L-BFGS-B
 
     fgsm = attacks.fgsm(classifier, images, labels, [eps_attack])[0]
     greedy = purify.pixeldefend(pixelcnn, fgsm, eps_defend)

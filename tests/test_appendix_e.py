@@ -64,3 +64,12 @@ def test_appendix_e_bad_input_is_a_clear_error(args, words, tmp_path):
     assert_clean_error(pdray("appendix-e", "--dataset", "fmnist", "--out", str(out), *args,
                              check=False), *words)
     assert not out.exists()
+
+
+
+def test_appendix_e_refuses_an_unwritable_table_before_any_work(tmp_path):
+    (tmp_path / "appendix_e.csv").mkdir()  # where the table would go: writing it must fail
+    r = pdray("appendix-e", "--dataset", "fmnist", "--n-images", "1", "--starts", "1",
+              "--out", str(tmp_path), check=False)
+    assert_clean_error(r, "it is a folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["appendix_e.csv"]
