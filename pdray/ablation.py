@@ -17,9 +17,10 @@ from PIL import Image
 from pdray import attacks, data, purify, zoo
 from pdray.classifiers import predict
 from pdray.cluster import torch_device
-from pdray.config import (PROBE_ATTACKS, PROBE_EPS_ATTACK, THROUGH_DEFENSE, VALIDATION_IMAGES,
-                          check_eps, classifier_name, eps_defend_for, parse_attack)
-from pdray.errors import PdrayError
+from pdray.config import (LBFGSB_MAXITER, PROBE_ATTACKS, PROBE_EPS_ATTACK, THROUGH_DEFENSE,
+                          VALIDATION_IMAGES, Purifier, check_eps, classifier_name,
+                          eps_defend_for, parse_attack)
+from pdray.errors import PdrayError, parse_choice
 from pdray.pixelcnn import bits_per_dim
 from pdray.pixels import to_nchw, to_nhwc
 from pdray.pvalues import roc
@@ -66,16 +67,24 @@ def kept(purified: np.ndarray, purified_clean: np.ndarray, x: np.ndarray, clean:
 
 def probe(pixelcnn, classifier, images: np.ndarray, labels: np.ndarray, *,
           eps_defend: int, eps_attack: int = PROBE_EPS_ATTACK,
-          inputs: tuple[str, ...] = ("clean", "fgsm", "bim"), batch_size: int = 64) -> list[dict]:
+          inputs: tuple[str, ...] = ("clean", "fgsm", "bim"), batch_size: int = 64,
+          purifier: Purifier = Purifier.GREEDY, maxiter: int = LBFGSB_MAXITER) -> list[dict]:
     """Where purification takes each kind of input, one row per input kind: accuracy
     before and after, bits/dim before and after, mean |purified - clean| in levels, the
     share of sub-pixels that end on the edge of the eps_defend ball, the share decided by
     the model (the purified value is its unconstrained mode there), and for attacked inputs
     how much of the perturbation survives (``kept``), overall and where the model decided,
     and how well bits/dim tells them from the clean images (``auc_vs_clean``: a noisier or
-    blunter model may purify more and detect less)."""
+    blunter model may purify more and detect less). ``purifier`` lbfgsb replaces Algorithm 1
+    with L-BFGS-B from the input (``maxiter`` iterations): if even the likeliest image it
+    finds near an attacked input is still misclassified, no decoding of this model's
+    likelihood can purify it."""
     def purified_of(x):
-        return purify.pixeldefend(pixelcnn, x, eps_defend, batch_size=batch_size, return_bpd=True)
+        if purifier is Purifier.GREEDY:
+            return purify.pixeldefend(pixelcnn, x, eps_defend, batch_size=batch_size,
+                                      return_bpd=True)
+        purified = purify.lbfgsb(pixelcnn, x, eps_defend, maxiter=maxiter)[0]
+        return purified, bits_per_dim(pixelcnn, purified)
 
     rows = []
     clean_out = purified_of(images)  # the clean row's, and what ``kept`` compares against
@@ -90,7 +99,7 @@ def probe(pixelcnn, classifier, images: np.ndarray, labels: np.ndarray, *,
         free = modes == purified
         rows.append({
             "input": kind, "eps_attack": 0 if kind == "clean" else eps_attack,
-            "eps_defend": eps_defend, "n_images": len(images),
+            "eps_defend": eps_defend, "n_images": len(images), "purifier": purifier.value,
             "accuracy_before": float((predict(classifier, x) == labels).mean()),
             "accuracy_after": float((predict(classifier, purified) == labels).mean()),
             "bpd_before": float(bpd_before.mean()),
@@ -130,10 +139,14 @@ def run(dataset: str, pixelcnn: str, classifier: str | None = None, *,
         n_images: int = VALIDATION_IMAGES, jpeg_quality: int = 0,
         attack_names: tuple[str, ...] = PROBE_ATTACKS,
         eps_attack: int = PROBE_EPS_ATTACK, eps_defend: int | None = None, last_weights: bool = False,
+        purifier: str | Purifier = Purifier.GREEDY, maxiter: int = LBFGSB_MAXITER,
         data_dir=None) -> list[dict]:
     """``probe`` on the first ``n_images`` validation images (the held-out tail of the
     training split: never tune on the test set), optionally JPEG-compressed first."""
     check_eps(eps_attack)
+    purifier = parse_choice(Purifier, purifier, "purifier")
+    if maxiter < 1:
+        raise PdrayError(f"--maxiter must be at least 1; got {maxiter}.")
     attack_names = tuple(parse_attack(a).value for a in attack_names)
     if set(attack_names) & set(THROUGH_DEFENSE):
         raise PdrayError("The ablation probes transfer attacks; BPDA and BPDA-soft run in "
@@ -153,7 +166,7 @@ def run(dataset: str, pixelcnn: str, classifier: str | None = None, *,
                          f"{d.dataset.value} has {images.shape[-1]}.")
     model, _ = zoo.load(classifier or classifier_name(d.dataset), device)
     rows = probe(density, model, images, labels, eps_attack=eps_attack, eps_defend=eps_defend,
-                 inputs=("clean", *attack_names))
+                 inputs=("clean", *attack_names), purifier=purifier, maxiter=maxiter)
     for row in rows:
         row.update(dataset=d.dataset.value, pixelcnn=str(pixelcnn), last_weights=last_weights,
                    jpeg_quality=jpeg_quality)

@@ -15,44 +15,29 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import scipy.optimize
-import torch
 
 from pdray import attacks, data, purify, zoo
 from pdray.cluster import torch_device
 from pdray.config import check_eps, classifier_name, eps_defend_for, pixelcnn_name
 from pdray.errors import PdrayError
 from pdray.files import atomic_write, check_writable
-from pdray.pixelcnn import PixelCNN, bits_per_dim, bpd_from_log_prob
+from pdray.pixelcnn import PixelCNN, bits_per_dim
 
 KINDS = ["clean", "fgsm", "greedy", "lbfgsb"]  # Figure 3's four distributions
 
 
 def lbfgsb_purify(model: PixelCNN, image: np.ndarray, eps_defend: int, starts: int,
                   maxiter: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """``starts`` runs of L-BFGS-B on bits/dim inside the eps_defend box around one uint8
-    HWC image, each from a uniform point of the box; returns the rounded results (starts,
-    H, W, C) uint8 and each run's iteration count. The paper names no iteration limit;
-    ``maxiter`` is one."""
-    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
-    x = image.transpose(2, 0, 1).astype(np.float64)  # CHW
-    lo, hi = np.maximum(x - eps_defend, 0).ravel(), np.minimum(x + eps_defend, 255).ravel()
-
-    def bpd_and_grad(z):
-        t = torch.tensor(z.reshape(1, *x.shape), dtype=dtype, device=device, requires_grad=True)
-        bpd = bpd_from_log_prob(model.log_prob_continuous(t).sum(), x.size)
-        grad, = torch.autograd.grad(bpd, t)
-        return bpd.item(), grad.double().cpu().numpy().ravel()
-
+    """``starts`` runs of L-BFGS-B (``purify.lbfgsb``) on one uint8 HWC image, each from a
+    uniform point of the eps_defend box; returns the rounded results (starts, H, W, C) uint8
+    and each run's iteration count. The paper names no iteration limit; ``maxiter`` is one."""
+    chw = image.transpose(2, 0, 1).astype(np.float64)
+    lo, hi = np.maximum(chw - eps_defend, 0), np.minimum(chw + eps_defend, 255)
     rng = np.random.default_rng(seed)
-    out, iterations = [], []
-    for _ in range(starts):
-        res = scipy.optimize.minimize(bpd_and_grad, rng.uniform(lo, hi), jac=True,
-                                      method="L-BFGS-B", bounds=scipy.optimize.Bounds(lo, hi),
-                                      options={"maxiter": maxiter})
-        out.append(np.clip(np.rint(res.x), lo, hi).reshape(x.shape).transpose(1, 2, 0))
-        iterations.append(res.nit)
-    return np.stack(out).astype(np.uint8), np.asarray(iterations)
+    points = np.stack([rng.uniform(lo.ravel(), hi.ravel()).reshape(chw.shape).transpose(1, 2, 0)
+                       for _ in range(starts)])
+    return purify.lbfgsb(model, np.repeat(image[None], starts, axis=0), eps_defend,
+                         maxiter=maxiter, starts=points)
 
 
 def run(dataset: str, *, n_images: int = 10, eps_attack: int = 8, eps_defend: int | None = None,

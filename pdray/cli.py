@@ -15,10 +15,10 @@ from typing import Optional
 import typer
 
 from pdray.config import (DEFENSES, DETECT_IMAGES, EPS_ATTACK, EPS_DEFEND, GPU_PURIFY_BATCH,
-                          METRIC_IMAGES, PAPER_ATTACKS, PROBE_ATTACKS, PROBE_EPS_ATTACK,
-                          THROUGH_DEFENSE, VALIDATION_IMAGES, Arch, Attack, ClassifierConfig,
-                          Dataset, Device, EvalConfig, Method, PixelCNNConfig, Recipe, RunOptions,
-                          Scaling, Schedule, choices, defaults)
+                          LBFGSB_MAXITER, METRIC_IMAGES, PAPER_ATTACKS, PROBE_ATTACKS,
+                          PROBE_EPS_ATTACK, THROUGH_DEFENSE, VALIDATION_IMAGES, Arch, Attack,
+                          ClassifierConfig, Dataset, Device, EvalConfig, Method, PixelCNNConfig,
+                          Purifier, Recipe, RunOptions, Scaling, Schedule, choices, defaults)
 from pdray.errors import PdrayError, parse_choice
 
 EVAL = defaults(EvalConfig)
@@ -225,6 +225,11 @@ def ablate_cmd(dataset: str = typer.Option(..., "--dataset"),
                    None, "--eps-defend", help=f"Default: the paper's ({PAPER_EPS_DEFEND})."),
                last_weights: bool = typer.Option(False, "--last-weights",
                                                  help="A training state's last weights, not their average."),
+               purifier: str = typer.Option(Purifier.GREEDY.value, "--purifier",
+                                            help=choices(Purifier) + " (L-BFGS-B on the "
+                                                 "likelihood, from the input)."),
+               maxiter: int = typer.Option(LBFGSB_MAXITER, "--maxiter",
+                                           help="L-BFGS-B's iteration limit per image."),
                data_dir: Optional[Path] = DataDir,
                as_json: bool = AsJson):
     """Where purification takes clean and attacked validation images (pdray.ablation)."""
@@ -233,7 +238,7 @@ def ablate_cmd(dataset: str = typer.Option(..., "--dataset"),
     emit(ablation.run(dataset, pixelcnn, classifier, n_images=n_images, jpeg_quality=jpeg_quality,
                       attack_names=tuple(_list(attacks)),
                       eps_attack=eps_attack, eps_defend=eps_defend, last_weights=last_weights,
-                      data_dir=data_dir), as_json)
+                      purifier=purifier, maxiter=maxiter, data_dir=data_dir), as_json)
 
 
 @app.command("appendix-e")

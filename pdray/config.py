@@ -71,6 +71,14 @@ class Method(str, Enum):
     REFERENCE = "reference"
 
 
+class Purifier(str, Enum):
+    """How the ablation purifies (pdray.ablation): Algorithm 1, or L-BFGS-B on the same
+    likelihood from the input (Appendix E's alternative), which asks whether the most likely
+    image near the input is a clean one whatever the optimiser."""
+    GREEDY = "greedy"
+    LBFGSB = "lbfgsb"
+
+
 class Device(str, Enum):
     """Where torch runs (pdray.cluster.torch_device): auto is CUDA when torch sees a GPU."""
     AUTO = "auto"
@@ -127,6 +135,7 @@ def eps_defend_for(dataset: str | Dataset, eps_defend: int | None = None) -> int
 # The smaller commands' defaults (pdray detect, ablate, adaptive-threshold, models evaluate).
 PROBE_EPS_ATTACK = 8        # the eps_attack both datasets' tables share
 PROBE_ATTACKS = (Attack.FGSM.value, Attack.BIM.value)  # the ablation's, by default
+LBFGSB_MAXITER = 50         # the ablation's L-BFGS-B purifier (the README's Appendix E runs' too)
 DETECT_IMAGES = 500         # first N test images that Claim 1's detection attacks and scores
 VALIDATION_IMAGES = 256     # first N validation images (adaptive's threshold, the ablation)
 METRIC_IMAGES = 1000        # first N test images a shipped model's metric is recomputed on

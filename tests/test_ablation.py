@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from pdray import ablation, train, zoo
+from pdray.config import Purifier
 from pdray.errors import PdrayError
 from conftest import tiny_classifier, tiny_pixelcnn
 
@@ -40,6 +41,19 @@ def test_probe_reports_where_purification_goes(fmnist_samples):
     assert 0 < moved["purified_to_clean"] <= 4 and 0 < moved["edge_fraction"] <= 1
 
 
+def test_lbfgsb_purifier_climbs_the_likelihood_inside_the_ball(fmnist_samples):
+    images, labels = fmnist_samples[0][:3], fmnist_samples[1][:3]
+    pixelcnn, classifier = tiny_pixelcnn(1), tiny_classifier(1)
+    untouched = ablation.probe(pixelcnn, classifier, images, labels, eps_defend=0,
+                               inputs=("clean",), purifier=Purifier.LBFGSB, maxiter=3)[0]
+    assert untouched["purifier"] == "lbfgsb" and untouched["purified_to_clean"] == 0
+    rows = ablation.probe(pixelcnn, classifier, images, labels, eps_defend=8,
+                          inputs=("clean", "fgsm"), purifier=Purifier.LBFGSB, maxiter=10)
+    for r in rows:  # from the input, uphill, and never out of the box
+        assert r["bpd_after"] < r["bpd_before"]
+        assert 0 < r["purified_to_clean"] <= r["input_to_clean"] + 8
+
+
 def test_mixture_head_on_jpeg_data_trains_and_its_state_loads(ray_local, tmp_path):
     """The ablation's knobs go through the real training loop, and a training
     state loads as the model it would ship (its averaged weights)."""
@@ -61,3 +75,6 @@ def test_ablate_refuses_bpda_and_unknown_attacks_before_any_work(tmp_path):
                            (("fgsn",), "attack")]:
         with pytest.raises(PdrayError, match=message):  # an empty folder: no data was read
             ablation.run("fmnist", "fmnist-pixelcnn", attack_names=names, data_dir=tmp_path)
+    for kwargs, message in [({"purifier": "adam"}, "purifier"), ({"maxiter": 0}, "maxiter")]:
+        with pytest.raises(PdrayError, match=message):
+            ablation.run("fmnist", "fmnist-pixelcnn", data_dir=tmp_path, **kwargs)
