@@ -76,9 +76,9 @@ def probe(pixelcnn, classifier, images: np.ndarray, labels: np.ndarray, *,
     how much of the perturbation survives (``kept``), overall and where the model decided,
     and how well bits/dim tells them from the clean images (``auc_vs_clean``: a noisier or
     blunter model may purify more and detect less). ``purifier`` lbfgsb replaces Algorithm 1
-    with L-BFGS-B from the input (``maxiter`` iterations): if even the likeliest image it
-    finds near an attacked input is still misclassified, no decoding of this model's
-    likelihood can purify it."""
+    with L-BFGS-B from the input (``maxiter`` iterations): where the images it finds near
+    attacked inputs are likelier than the clean images and still misclassified, the
+    likelihood itself does not lead back to the clean image, whatever decodes it."""
     def purified_of(x):
         if purifier is Purifier.GREEDY:
             return purify.pixeldefend(pixelcnn, x, eps_defend, batch_size=batch_size,
