@@ -375,7 +375,9 @@ def adversarial_batch(model: nn.Module, x: torch.Tensor, eps: torch.Tensor,
                       iterative: bool) -> torch.Tensor:
     """FGSM (or BIM with alpha = 1 and Kurakin's step count) against the model's own
     predictions, on float 0..255 NCHW pixels, each image with its own eps; rounded to
-    integers like every image the classifiers see at test time."""
+    integers like every image the classifiers see at test time. Each step attacks only the
+    images whose step count is not used up (in eval mode images do not interact): with eps
+    drawn by ``sample_eps`` that is ~6.7 steps an image against the batch's ~18."""
     was_training = model.training
     model.eval()
     with torch.no_grad():
@@ -384,12 +386,12 @@ def adversarial_batch(model: nn.Module, x: torch.Tensor, eps: torch.Tensor,
     lo, hi = (x - e).clamp(min=0), (x + e).clamp(max=255)
     steps = torch.tensor([bim_steps(float(v)) if iterative else 1 for v in eps], device=x.device)
     step_size = torch.ones_like(e) if iterative else e
-    adv = x.clone()
+    adv = x.clone().detach()
     for i in range(int(steps.max()) if len(steps) else 0):
-        adv.requires_grad_(True)
-        grad, = torch.autograd.grad(F.cross_entropy(model(adv), y), adv)
-        active = (steps > i).view(-1, 1, 1, 1)
-        adv = torch.where(active, adv.detach() + step_size * grad.sign(), adv.detach())
-        adv = torch.max(torch.min(adv, hi), lo)
+        active = (steps > i).nonzero().flatten()
+        a = adv[active].requires_grad_(True)
+        grad, = torch.autograd.grad(F.cross_entropy(model(a), y[active], reduction="sum"), a)
+        stepped = a.detach() + step_size[active] * grad.sign()
+        adv[active] = torch.max(torch.min(stepped, hi[active]), lo[active])
     model.train(was_training)
-    return adv.round().detach()
+    return adv.round()

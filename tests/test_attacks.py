@@ -250,6 +250,19 @@ def test_training_time_adversaries_stay_in_their_own_eps_ball(fmnist_samples):
         assert torch.equal(adv, adv.round())
 
 
+def test_training_time_bim_attacks_each_image_as_if_alone(fmnist_samples):
+    """Images whose step count is used up leave the batch; the rest must not notice."""
+    images, _ = fmnist_samples
+    model = tiny_classifier(1)
+    x = torch.from_numpy(images[:6].transpose(0, 3, 1, 2)).float()
+    eps = torch.tensor([0.5, 2.0, 5.0, 8.0, 12.0, 16.0])
+    together = attacks.adversarial_batch(model, x, eps, iterative=True)
+    alone = torch.cat([attacks.adversarial_batch(model, x[i:i + 1], eps[i:i + 1], True)
+                       for i in range(len(x))])
+    assert torch.equal(together, alone)
+    assert not torch.equal(together[-1], x[-1])
+
+
 def test_attack_many_matches_single_calls(cifar_samples):
     images, labels = cifar_samples
     images, labels = images[:4], labels[:4]
