@@ -66,7 +66,6 @@ def test_appendix_e_bad_input_is_a_clear_error(args, words, tmp_path):
     assert not out.exists()
 
 
-
 def test_appendix_e_refuses_an_unwritable_table_before_any_work(tmp_path):
     (tmp_path / "appendix_e.csv").mkdir()  # where the table would go: writing it must fail
     r = pdray("appendix-e", "--dataset", "fmnist", "--n-images", "1", "--starts", "1",
