@@ -65,6 +65,30 @@ def kept(purified: np.ndarray, purified_clean: np.ndarray, x: np.ndarray, clean:
     return float((moved * delta).sum() / max((delta * delta).sum(), 1e-12))
 
 
+def split_kept(classifier, labels: np.ndarray, purified: np.ndarray, purified_clean: np.ndarray,
+               x: np.ndarray, clean: np.ndarray) -> dict:
+    """Purification's change to an attacked input, relative to the clean image's, split as
+    ``kept`` * (x - clean) + residual, each part added back to the purified clean image and
+    classified: ``accuracy_at_kept`` is the accuracy if the kept share were all that
+    differed; ``accuracy_at_residual`` whether the rest (what the greedy chain did
+    differently elsewhere) is adversarial too, against the same residual with random signs
+    (``accuracy_at_residual_random_signs``: its size without its structure)."""
+    share = kept(purified, purified_clean, x, clean)
+    base = purified_clean.astype(np.float64)
+    residual = purified - base - share * (x.astype(np.float64) - clean)
+    signs = np.random.default_rng(0).choice([-1.0, 1.0], size=residual.shape)
+
+    def accuracy(z):
+        z = np.clip(np.round(z), 0, 255).astype(np.uint8)
+        return float((predict(classifier, z) == labels).mean())
+
+    return {"perturbation_kept": share,
+            "accuracy_at_kept": accuracy(purified - residual),
+            "residual": float(np.abs(residual).mean()),
+            "accuracy_at_residual": accuracy(base + residual),
+            "accuracy_at_residual_random_signs": accuracy(base + signs * residual)}
+
+
 def probe(pixelcnn, classifier, images: np.ndarray, labels: np.ndarray, *,
           eps_defend: int, eps_attack: int = PROBE_EPS_ATTACK,
           inputs: tuple[str, ...] = ("clean", "fgsm", "bim"), batch_size: int = 64,
@@ -74,7 +98,7 @@ def probe(pixelcnn, classifier, images: np.ndarray, labels: np.ndarray, *,
     share of sub-pixels that end on the edge of the eps_defend ball, the share decided by
     the model (the purified value is its unconstrained mode there), and for attacked inputs
     how much of the perturbation survives (``kept``), overall and where the model decided,
-    and how well bits/dim tells them from the clean images (``auc_vs_clean``: a noisier or
+    what that share and the rest of the change each do to accuracy (``split_kept``), and how well bits/dim tells them from the clean images (``auc_vs_clean``: a noisier or
     blunter model may purify more and detect less). ``purifier`` lbfgsb replaces Algorithm 1
     with L-BFGS-B from the input (``maxiter`` iterations): where the images it finds near
     attacked inputs are likelier than the clean images and still misclassified, the
@@ -117,7 +141,7 @@ def probe(pixelcnn, classifier, images: np.ndarray, labels: np.ndarray, *,
             teacher = model_modes(pixelcnn, images).astype(np.int16)
             rows[-1]["mode_to_clean_given_clean_past"] = float(np.abs(teacher - images).mean())
         else:
-            rows[-1]["perturbation_kept"] = kept(purified, purified_clean, x, images)
+            rows[-1].update(split_kept(classifier, labels, purified, purified_clean, x, images))
             rows[-1]["kept_where_model_decided"] = kept(purified, purified_clean, x, images, free)
             rows[-1]["auc_vs_clean"] = roc(bpd_clean, bpd_before)[2]
     return rows

@@ -30,13 +30,18 @@ def test_probe_reports_where_purification_goes(fmnist_samples):
         assert r["bpd_after"] == pytest.approx(r["bpd_before"])
     assert untouched[0]["input_to_clean"] == 0 and untouched[1]["input_to_clean"] > 0
     assert untouched[1]["perturbation_kept"] == pytest.approx(1.0)  # nothing purified away
+    # ...so the change is all kept share, and nothing is left for the residual to do
+    assert untouched[1]["accuracy_at_kept"] == untouched[1]["accuracy_before"]
+    assert untouched[1]["residual"] == pytest.approx(0.0, abs=1e-9)
+    assert untouched[1]["accuracy_at_residual"] == untouched[0]["accuracy_before"]
     assert 0.0 <= untouched[1]["auc_vs_clean"] <= 1.0 and "auc_vs_clean" not in untouched[0]
     # Nothing purified: the model sees the clean past in the clean row either way.
     assert untouched[0]["mode_to_clean"] == untouched[0]["mode_to_clean_given_clean_past"]
-    anywhere = ablation.probe(pixelcnn, classifier, images, labels, eps_defend=255,
-                              inputs=("fgsm",))[0]
+    clean, anywhere = ablation.probe(pixelcnn, classifier, images, labels, eps_defend=255,
+                                     inputs=("clean", "fgsm"))
     # The whole range is feasible: every value is the model's mode, whatever the input was.
     assert anywhere["model_decided_fraction"] == 1.0 and anywhere["perturbation_kept"] == 0.0
+    assert anywhere["accuracy_at_kept"] == clean["accuracy_after"] and anywhere["residual"] == 0
     moved = ablation.probe(pixelcnn, classifier, images, labels, eps_defend=4, inputs=("clean",))[0]
     assert 0 < moved["purified_to_clean"] <= 4 and 0 < moved["edge_fraction"] <= 1
 
