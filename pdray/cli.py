@@ -386,6 +386,9 @@ def train_classifier(
         max_steps: int = typer.Option(CLASSIFIER["max_steps"], "--max-steps",
                                       help="Stop after N steps (smoke runs)."),
         eval_images: int = typer.Option(CLASSIFIER["eval_images"], "--eval-images"),
+        checkpoint_every: int = typer.Option(
+            CLASSIFIER["checkpoint_every"], "--checkpoint-every",
+            help="Steps between mid-epoch training states; 0: at epoch ends only."),
         data_dir: Optional[Path] = DataDir,
         resume_from: Optional[Path] = ResumeFrom, workers: int = Workers,
         cpus_per_worker: int = CpusPerWorker, gpu: bool = Gpu, runs_dir: Path = RunsDir,
@@ -395,7 +398,8 @@ def train_classifier(
 
     cfg = ClassifierConfig(dataset=dataset, arch=arch, recipe=recipe, epochs=epochs,
                            batch_size=batch_size, lr=lr, max_steps=max_steps,
-                           eval_images=eval_images, data_dir=str(data_dir) if data_dir else None,
+                           eval_images=eval_images, checkpoint_every=checkpoint_every,
+                           data_dir=str(data_dir) if data_dir else None,
                            resume_from=str(resume_from) if resume_from else None)
     emit(train.train_classifier(cfg, _scaling(workers, cpus_per_worker, gpu, runs_dir), ship=ship),
          as_json)

@@ -271,6 +271,7 @@ class ClassifierConfig:
     seed: int = 0
     max_steps: int = 0             # > 0: stop after this many steps (tests, smoke runs)
     eval_images: int = 10000       # test images scored after each epoch
+    checkpoint_every: int = 100    # steps between mid-epoch training states; 0: epoch ends only
     data_dir: str | None = None
     resume_from: str | None = None
 
@@ -282,8 +283,9 @@ class ClassifierConfig:
         cfg = replace(self, dataset=parse_dataset(self.dataset).value,
                       arch=parse_choice(Arch, self.arch, "classifier architecture").value,
                       recipe=parse_choice(Recipe, self.recipe, "recipe").value)
-        if cfg.epochs < 1 or cfg.batch_size < 1:
-            raise PdrayError("epochs and batch_size must be at least 1.")
+        if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.checkpoint_every < 0:
+            raise PdrayError("epochs and batch_size must be at least 1, checkpoint_every at "
+                             "least 0.")
         return cfg
 
 

@@ -6,7 +6,8 @@ the shell around them: one worker loop per model, checkpoints, resume, export.
 A run lives in ``runs_dir/<name>/`` (Ray Train's storage). Starting the same run again
 resumes from its last checkpoint: Ray hands it back through ``ray.train.get_checkpoint``.
 ``resume_from`` names a training-state file to start from instead (one committed from an
-earlier machine, say). Each epoch reports the test metric and a checkpoint.
+earlier machine, say). Each epoch reports the test metric and a checkpoint; a classifier
+also saves one every ``checkpoint_every`` steps, to resume mid-epoch exactly.
 """
 
 from __future__ import annotations
@@ -129,43 +130,61 @@ def classifier_loop(config: dict) -> None:
     model = classifiers.build(cfg.arch, data.SHAPE[d.dataset], mean, std)
     opt = recipes.classifier_optimizer(model, cfg)
     state = start_state(cfg.resume_from, driver_cwd)
-    epoch, step, wall = 0, 0, 0.0
+    epoch, done, step, wall, metrics = 0, 0, 0, 0.0, {}
+    gen = torch.Generator()
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         epoch, step, wall = state["epoch"], state["step"], state["wall_time_s"]
+        done, metrics = state.get("batches_done", 0), state["metrics"]
+    if state is not None and "generator" in state:  # mid-epoch states carry their RNGs
+        gen.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+    else:
+        gen.manual_seed(cfg.seed * 1000 + epoch)
     model = ray.train.torch.prepare_model(model)
     core = unwrap(model)
     steps_per_epoch = len(train_x) // cfg.batch_size
     total = cfg.epochs * steps_per_epoch
-    gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
     pad, flip = (2, True) if d.dataset is data.Dataset.FMNIST else (4, True)
     labels_all = torch.from_numpy(train_y.copy())
+
+    def checkpoint(report_metrics: dict) -> None:
+        report(report_metrics, {"kind": "classifier", "dataset": cfg.dataset, "arch": cfg.arch,
+                                "recipe": cfg.recipe, "config": asdict(cfg), "metrics": metrics,
+                                "model": core.state_dict(), "optimizer": opt.state_dict(),
+                                "epoch": epoch, "batches_done": done, "step": step,
+                                "wall_time_s": wall, "generator": gen.get_state(),
+                                "torch_rng": torch.get_rng_state()})
+
     while epoch < cfg.epochs:
-        t0 = time.time()
+        t0 = started = time.time()
         model.train()
         for s, idx in worker_batches(len(train_x), cfg.batch_size, cfg.seed, epoch):
+            if s < done:
+                continue  # resume mid-epoch at the same batch
             x = recipes.augment(to_nchw(train_x[idx]).float(), pad, flip, gen).to(device)
             loss = recipes.classifier_loss(model, x, labels_all[idx].to(device), cfg, gen, core)
             recipes.sgd_step(opt, loss, recipes.lr_at(step, total, cfg.lr,
                                                       warmup=steps_per_epoch // 2))
-            step += 1
+            step, done = step + 1, s + 1
             if step % 50 == 0:
                 print(f"epoch {epoch + 1} step {s + 1}/{steps_per_epoch} loss {loss.item():.3f} "
-                      f"{time.time() - t0:.0f} s", flush=True)
+                      f"{time.time() - started:.0f} s", flush=True)
             if cfg.max_steps and s + 1 >= cfg.max_steps:
                 break
-        epoch += 1
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and done < steps_per_epoch:
+                wall, t0 = wall + time.time() - t0, time.time()
+                checkpoint({"epoch": epoch + done / steps_per_epoch, "step": step,
+                            "loss": loss.item(), "wall_time_s": wall})
+        epoch, done = epoch + 1, 0
         wall += time.time() - t0
         n_eval = min(cfg.eval_images, len(d.test.labels))
         core.eval()
         acc = float((predict(core, d.test.images[:n_eval]) == d.test.labels[:n_eval]).mean())
         metrics = {"test_accuracy": acc, "eval_images": n_eval, "epoch": epoch,
                    "loss": loss.item(), "wall_time_s": wall}
-        report(metrics, {"kind": "classifier", "dataset": cfg.dataset, "arch": cfg.arch,
-                         "recipe": cfg.recipe, "config": asdict(cfg), "metrics": metrics,
-                         "model": core.state_dict(), "optimizer": opt.state_dict(),
-                         "epoch": epoch, "step": step, "wall_time_s": wall})
+        checkpoint(metrics)
         if cfg.max_steps:
             break
 

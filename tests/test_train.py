@@ -19,6 +19,26 @@ def test_adv_bim_trains_and_resumes(ray_local, tmp_path):
     assert second["epochs"] == 2 and second["wall_time_s"] > first["wall_time_s"]
 
 
+def test_a_mid_epoch_state_resumes_exactly(ray_local, tmp_path):
+    """Stopped after 2 of 4 steps and resumed from the mid-epoch state, a run ends with the
+    weights of the run that was never stopped (same batches, eps draws and RNG)."""
+    cfg = train.ClassifierConfig(dataset="fmnist", recipe="adv-fgsm", epochs=1, max_steps=4,
+                                 batch_size=16, eval_images=20, checkpoint_every=2)
+    whole = train.train_classifier(cfg, train.Scaling(runs_dir=str(tmp_path / "whole")))
+    states = sorted((tmp_path / "whole").glob("*/checkpoint_*/state.pt"))
+    assert len(states) == 2  # the step-2 state, then the epoch's end
+    middle = torch.load(states[0], weights_only=True)
+    assert (middle["step"], middle["batches_done"], middle["epoch"]) == (2, 2, 0)
+    cfg.resume_from = str(states[0])
+    resumed = train.train_classifier(cfg, train.Scaling(runs_dir=str(tmp_path / "resumed")))
+    assert resumed["metrics"]["test_accuracy"] == whole["metrics"]["test_accuracy"]
+    ends = [torch.load(sorted((tmp_path / run).glob("*/checkpoint_*/state.pt"))[-1],
+                       weights_only=True) for run in ("whole", "resumed")]
+    assert ends[0]["step"] == ends[1]["step"] == 4
+    for k, v in ends[0]["model"].items():
+        assert torch.equal(v, ends[1]["model"][k]), k
+
+
 def test_label_smoothing_and_export(ray_local, tmp_path, monkeypatch):
     monkeypatch.setenv("PDRAY_WEIGHTS_DIR", str(tmp_path / "weights"))
     cfg = train.ClassifierConfig(dataset="fmnist", recipe="label-smoothing", epochs=1,
