@@ -74,8 +74,8 @@ def split_kept(classifier, labels: np.ndarray, purified: np.ndarray, purified_cl
     differently elsewhere) is adversarial too, against the same residual with random signs
     (``accuracy_at_residual_random_signs``: its size without its structure)."""
     share = kept(purified, purified_clean, x, clean)
-    base = purified_clean.astype(np.float64)
-    residual = purified - base - share * (x.astype(np.float64) - clean)
+    base, delta = purified_clean.astype(np.float64), x.astype(np.float64) - clean
+    residual = purified - base - share * delta
     signs = np.random.default_rng(0).choice([-1.0, 1.0], size=residual.shape)
 
     def accuracy(z):
@@ -83,7 +83,7 @@ def split_kept(classifier, labels: np.ndarray, purified: np.ndarray, purified_cl
         return float((predict(classifier, z) == labels).mean())
 
     return {"perturbation_kept": share,
-            "accuracy_at_kept": accuracy(purified - residual),
+            "accuracy_at_kept": accuracy(base + share * delta),
             "residual": float(np.abs(residual).mean()),
             "accuracy_at_residual": accuracy(base + residual),
             "accuracy_at_residual_random_signs": accuracy(base + signs * residual)}
