@@ -98,7 +98,8 @@ def probe(pixelcnn, classifier, images: np.ndarray, labels: np.ndarray, *,
     share of sub-pixels that end on the edge of the eps_defend ball, the share decided by
     the model (the purified value is its unconstrained mode there), and for attacked inputs
     how much of the perturbation survives (``kept``), overall and where the model decided,
-    what that share and the rest of the change each do to accuracy (``split_kept``), and how well bits/dim tells them from the clean images (``auc_vs_clean``: a noisier or
+    what that share and the rest of the change each do to accuracy (``split_kept``), and
+    how well bits/dim tells them from the clean images (``auc_vs_clean``: a noisier or
     blunter model may purify more and detect less). ``purifier`` lbfgsb replaces Algorithm 1
     with L-BFGS-B from the input (``maxiter`` iterations): where the images it finds near
     attacked inputs are likelier than the clean images and still misclassified, the

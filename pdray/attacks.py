@@ -91,7 +91,7 @@ def _device(model: nn.Module) -> torch.device:
 def _to_unit(model: nn.Module, images: np.ndarray, labels: np.ndarray):
     device = _device(model)
     return (to_nchw(images, device).float() / 255.0,
-            torch.as_tensor(labels, dtype=torch.long, device=device))
+            torch.tensor(labels, dtype=torch.long, device=device))
 
 
 def _foolbox(attack: fb.Attack, model: nn.Module, images: np.ndarray, labels: np.ndarray,
@@ -185,7 +185,7 @@ def _loss(model: nn.Module, x: torch.Tensor, defended: torch.Tensor, labels: np.
     """Cross-entropy of the classifier on ``defended`` (float NCHW 0..255), whether it is
     wrong, and the loss's gradient by ``x`` as NHWC numpy (None unless ``grad``)."""
     model.eval()
-    y = torch.as_tensor(labels, dtype=torch.long, device=x.device)
+    y = torch.tensor(labels, dtype=torch.long, device=x.device)
     logits = model(defended.float())
     loss = F.cross_entropy(logits, y, reduction="none")
     g = torch.autograd.grad(loss.sum(), x)[0].cpu().numpy().transpose(0, 2, 3, 1) if grad else None
