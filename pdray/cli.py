@@ -17,8 +17,9 @@ import typer
 from pdray.config import (DEFENSES, DETECT_IMAGES, EPS_ATTACK, EPS_DEFEND, GPU_PURIFY_BATCH,
                           LBFGSB_MAXITER, METRIC_IMAGES, PAPER_ATTACKS, PROBE_ATTACKS,
                           PROBE_EPS_ATTACK, THROUGH_DEFENSE, VALIDATION_IMAGES, Arch, Attack,
-                          ClassifierConfig, Dataset, Device, EvalConfig, Method, PixelCNNConfig,
-                          Purifier, Recipe, RunOptions, Scaling, Schedule, choices, defaults)
+                          ClassifierConfig, Dataset, Device, EvalConfig, Images, Method,
+                          PixelCNNConfig, Purifier, Recipe, RunOptions, Scaling, Schedule,
+                          choices, defaults)
 from pdray.errors import PdrayError, parse_choice
 
 EVAL = defaults(EvalConfig)
@@ -274,6 +275,10 @@ def _list(value: Optional[str], cast=str, option: str = "a list option"):
 @app.command("eval")
 def eval_cmd(dataset: str = typer.Option(EVAL["dataset"], "--dataset", help=choices(Dataset)),
              data_dir: Optional[Path] = DataDir,
+             images: str = typer.Option(
+                 EVAL["images"], "--images",
+                 help=f"{choices(Images)}: the first N test images, or the first N validation "
+                      f"images (the held-out tail of the training split) to choose settings on."),
              n_images: int = typer.Option(EVAL["n_images"], "--n-images"),
              shards: int = typer.Option(EVAL["shards"], "--shards"),
              attacks: str = typer.Option(
@@ -330,7 +335,7 @@ def eval_cmd(dataset: str = typer.Option(EVAL["dataset"], "--dataset", help=choi
     from pdray import pipeline
 
     cfg = EvalConfig(
-        dataset=dataset, n_images=n_images, shards=shards, attacks=_list(attacks),
+        dataset=dataset, images=images, n_images=n_images, shards=shards, attacks=_list(attacks),
         eps_attack=_list(eps_attack, float, "--eps-attack"), eps_defend=eps_defend,
         classifiers=_list(classifiers), pixelcnn=pixelcnn, defenses=_list(defenses),
         adaptive_threshold=adaptive_threshold, seed=seed, save_images=save_images,

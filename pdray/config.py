@@ -39,6 +39,13 @@ class Schedule(str, Enum):
     HALVING = "halving"    # APGD-style: eps / 4, halved where the loss stalls
 
 
+class Images(str, Enum):
+    """Which images an evaluation attacks: the test set, or the validation images (the
+    held-out tail of the training split) for choosing settings without touching it."""
+    TEST = "test"
+    VALIDATION = "validation"
+
+
 class Defense(str, Enum):
     NONE = "none"
     SQUEEZE = "squeeze"
@@ -172,6 +179,7 @@ def defaults(cls) -> dict:
 class EvalConfig:
     """What a run computes. Two runs with equal configs produce equal rows."""
     dataset: str = Dataset.FMNIST.value
+    images: str = Images.TEST.value
     n_images: int = 64
     shards: int = 4
     attacks: list[str] = field(default_factory=lambda: list(PAPER_ATTACKS))
@@ -200,6 +208,7 @@ class EvalConfig:
         if not attacks:
             raise PdrayError("Choose at least one attack.")
         cfg = replace(self, dataset=ds.value, attacks=attacks,
+                      images=parse_choice(Images, self.images, "image set").value,
                       eps_attack=eps_attack_for(ds, self.eps_attack),
                       eps_defend=eps_defend_for(ds, self.eps_defend),
                       defenses=[parse_choice(Defense, d, "defense").value for d in self.defenses],
@@ -216,7 +225,7 @@ class EvalConfig:
         return cfg
 
     def rows_per_image(self) -> int:
-        """Result rows per test image (of a resolved config)."""
+        """Result rows per image (of a resolved config)."""
         shared = 1 + len(self.eps_attack) * (Attack.RAND.value in self.attacks)
         per_classifier = len(self.eps_attack) * sum(a != Attack.RAND.value for a in self.attacks)
         return (shared + per_classifier) * len(self.classifiers) * len(self.defenses)

@@ -130,6 +130,10 @@ class Data:
         n = len(self.train.labels) - self.validation_images
         return Split(self.train.images[n:], self.train.labels[n:])
 
+    def images(self, which: str) -> Split:
+        """The test images, or the validation images (``config.Images``)."""
+        return self.test if which == "test" else self.validation
+
     def info(self) -> dict:
         return {"dataset": self.dataset.value, "train": len(self.train.labels),
                 "test": len(self.test.labels), "validation": self.validation_images,
@@ -200,7 +204,7 @@ def shard_indices(n_images: int, shards: int, indices: np.ndarray | list[int] | 
     pieces; shard k always holds the same indices for the same arguments."""
     ids = np.arange(n_images) if indices is None else np.asarray(indices, dtype=np.int64)
     if ids.ndim != 1 or len(ids) == 0:
-        raise PdrayError("Choose at least one test image (n_images >= 1 or a non-empty index list).")
+        raise PdrayError("Choose at least one image (n_images >= 1 or a non-empty index list).")
     if n_available is not None and (ids.min() < 0 or ids.max() >= n_available):
         raise PdrayError(f"Test indices must lie in 0..{n_available - 1}; got "
                          f"{ids.min()}..{ids.max()}.")

@@ -50,13 +50,14 @@ def resolve(cfg: EvalConfig) -> EvalConfig:
 # ---- the stages ----------------------------------------------------------------------------
 
 class AttackStage:
-    """Loads the test set and the classifiers once; maps a batch of shard ids to every
-    requested (classifier, attack, eps_attack) image of those shards, plus the clean ones."""
+    """Loads the images (test or validation) and the classifiers once; maps a batch of shard
+    ids to every requested (classifier, attack, eps_attack) image of those shards, plus the
+    clean ones."""
 
     def __init__(self, cfg: dict, shards: list[list[int]], data_dir: str | None):
         self.cfg = EvalConfig(**cfg)
         self.shards = shards
-        self.test = data.load(self.cfg.dataset, data_dir).test
+        self.split = data.load(self.cfg.dataset, data_dir).images(self.cfg.images)
         self.models = {n: zoo.load(n, cluster.torch_device())[0] for n in self.cfg.classifiers}
 
     def __call__(self, batch: dict) -> dict:
@@ -65,7 +66,7 @@ class AttackStage:
                        cw_binary_search_steps=cfg.cw_binary_search_steps)
         for shard in batch["shard"]:
             ids = np.asarray(self.shards[int(shard)])
-            images, labels = self.test.images[ids], self.test.labels[ids]
+            images, labels = self.split.images[ids], self.split.labels[ids]
             parts = [(SHARED, "clean", 0, images, 0.0)]
             for attack in cfg.attacks:
                 if attack in THROUGH_DEFENSE:
@@ -81,7 +82,7 @@ class AttackStage:
                 for i, image_id in enumerate(ids):
                     for k, v in (("shard", shard), ("image_id", image_id), ("classifier", name),
                                  ("attack", attack), ("eps_attack", eps),
-                                 ("label", int(self.test.labels[image_id])), ("image", adv[i]),
+                                 ("label", int(self.split.labels[image_id])), ("image", adv[i]),
                                  ("attack_seconds", seconds / len(ids))):
                         cols[k].append(v)
         out = {k: np.asarray(v) for k, v in cols.items() if k != "image"}
@@ -222,7 +223,7 @@ def run(cfg: EvalConfig, opts: RunOptions, log=_log) -> Path:
     cfg, opts = resolve(cfg), opts.resolved()
     d = data.load(cfg.dataset, opts.data_dir)
     shards = [s.tolist() for s in data.shard_indices(cfg.n_images, cfg.shards,
-                                                     n_available=len(d.test.labels))]
+                                                     n_available=len(d.images(cfg.images).labels))]
     if opts.shard is not None and not 0 <= opts.shard < len(shards):
         raise PdrayError(f"--shard must be in 0..{len(shards) - 1} for {len(shards)} shards; "
                          f"got {opts.shard}.")

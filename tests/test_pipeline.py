@@ -150,6 +150,7 @@ def test_table1_rows_follow_the_papers_order():
     (dict(bpda_restarts=0), "bpda_restarts"),
     (dict(bpda_schedule="cosine"), "Unknown BPDA schedule"),
     (dict(bpda_tau=0.0), "bpda_tau"),
+    (dict(images="train"), "Unknown image set"),
 ])
 def test_bad_config_is_refused_before_anything_runs(change, message, tmp_path):
     with pytest.raises(PdrayError, match=message):
@@ -221,6 +222,25 @@ def test_adaptive_alone_purifies_only_what_it_needs_and_agrees():
             columns=["seconds", "purifier"]).reset_index(drop=True)
     pd.testing.assert_frame_equal(rows[1], rows[2])
     assert (rows[1].eps_defend == 0).any() and (rows[1].eps_defend > 0).any()
+
+
+def test_validation_images_are_the_held_out_tail_not_the_test_set():
+    """``images="validation"`` attacks the validation images (for choosing settings), with
+    their own labels; the default stays the test set."""
+    from dataclasses import asdict
+
+    import numpy as np
+
+    from pdray import data
+
+    d = data.load("fmnist")
+    for which, split in (("test", d.test), ("validation", d.validation)):
+        cfg = pipeline.resolve(EvalConfig(**{**CFG, "images": which, "attacks": ["fgsm"]}))
+        batch = pipeline.AttackStage(asdict(cfg), [[0, 1, 2]], None)({"shard": np.array([0])})
+        clean = batch["attack"] == "clean"
+        assert (batch["image"][clean] == split.images[:3]).all()
+        assert (batch["label"][clean] == split.labels[:3]).all()
+    assert not (d.validation.images[:3] == d.test.images[:3]).all()
 
 
 def test_adaptive_attacks_are_made_by_the_purifier_and_reported_apart():
