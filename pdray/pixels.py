@@ -12,7 +12,7 @@ from pdray.errors import PdrayError
 def to_nchw(images: np.ndarray, device=None) -> torch.Tensor:
     """uint8 (N, H, W, C) -> int64 (N, C, H, W) on ``device``; ``.float()`` it for a
     classifier, which takes 0..255 floats."""
-    return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).long().to(device)
+    return torch.tensor(images.transpose(0, 3, 1, 2), dtype=torch.long, device=device)
 
 
 def to_nhwc(x: torch.Tensor) -> np.ndarray:
