@@ -130,7 +130,7 @@ class Data:
         n = len(self.train.labels) - self.validation_images
         return Split(self.train.images[n:], self.train.labels[n:])
 
-    def images(self, which: str) -> Split:
+    def split(self, which: str) -> Split:
         """The test images, or the validation images (``config.Images``)."""
         return self.test if which == "test" else self.validation
 
@@ -206,7 +206,7 @@ def shard_indices(n_images: int, shards: int, indices: np.ndarray | list[int] | 
     if ids.ndim != 1 or len(ids) == 0:
         raise PdrayError("Choose at least one image (n_images >= 1 or a non-empty index list).")
     if n_available is not None and (ids.min() < 0 or ids.max() >= n_available):
-        raise PdrayError(f"Test indices must lie in 0..{n_available - 1}; got "
+        raise PdrayError(f"Image indices must lie in 0..{n_available - 1}; got "
                          f"{ids.min()}..{ids.max()}.")
     if not 1 <= shards <= len(ids):
         raise PdrayError(f"shards must be between 1 and the number of images ({len(ids)}); "

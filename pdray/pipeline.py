@@ -57,7 +57,7 @@ class AttackStage:
     def __init__(self, cfg: dict, shards: list[list[int]], data_dir: str | None):
         self.cfg = EvalConfig(**cfg)
         self.shards = shards
-        self.split = data.load(self.cfg.dataset, data_dir).images(self.cfg.images)
+        self.split = data.load(self.cfg.dataset, data_dir).split(self.cfg.images)
         self.models = {n: zoo.load(n, cluster.torch_device())[0] for n in self.cfg.classifiers}
 
     def __call__(self, batch: dict) -> dict:
@@ -222,8 +222,9 @@ def run(cfg: EvalConfig, opts: RunOptions, log=_log) -> Path:
     started = time.time()
     cfg, opts = resolve(cfg), opts.resolved()
     d = data.load(cfg.dataset, opts.data_dir)
+    n_available = len(d.split(cfg.images).labels)
     shards = [s.tolist() for s in data.shard_indices(cfg.n_images, cfg.shards,
-                                                     n_available=len(d.images(cfg.images).labels))]
+                                                     n_available=n_available)]
     if opts.shard is not None and not 0 <= opts.shard < len(shards):
         raise PdrayError(f"--shard must be in 0..{len(shards) - 1} for {len(shards)} shards; "
                          f"got {opts.shard}.")
