@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pdray.config import Dataset, parse_dataset
+from pdray.config import Dataset, Images, parse_dataset
 from pdray.errors import PdrayError
 
 
@@ -132,7 +132,7 @@ class Data:
 
     def split(self, which: str) -> Split:
         """The test images, or the validation images (``config.Images``)."""
-        return self.test if which == "test" else self.validation
+        return self.test if Images(which) is Images.TEST else self.validation
 
     def info(self) -> dict:
         return {"dataset": self.dataset.value, "train": len(self.train.labels),

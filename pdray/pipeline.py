@@ -16,6 +16,7 @@ classes: a test or a benchmark can call them without Ray.
 
 from __future__ import annotations
 
+import os
 import time
 from collections import defaultdict
 from dataclasses import asdict, replace
@@ -273,6 +274,11 @@ def _evaluate(cfg: EvalConfig, opts: RunOptions, shards: list[list[int]], todo: 
     purifiers = _purifier_pool(opts, gpus)
     ctx = DataContext.get_current()
     ctx.wait_for_min_actors_s = 600  # a GPU the cluster never gets fails instead of hanging
+    # BPDA is made inside the purifier stage, so one call takes as long as its batch's
+    # attacks (hours on a CPU with restarts): Ray Data's no-progress guard (30 min) must not
+    # fail the run. Ray retries a dead actor; the variable still sets a bound if asked for.
+    if "RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S" not in os.environ:
+        ctx.execution_no_progress_timeout_s = -1
     # PixelDefend's float32 argmax can depend on which images share a purifier batch, and
     # shards smaller than a batch share one in the order their attacks finish: keep shard
     # order, so the same command always batches the same rows together.

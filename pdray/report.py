@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from pdray import paper
-from pdray.config import PAPER_ATTACKS, THROUGH_DEFENSE, Dataset, Defense, Recipe
+from pdray.config import PAPER_ATTACKS, THROUGH_DEFENSE, Dataset, Defense, EvalConfig, Recipe
 from pdray.data import SHAPE
 from pdray.files import atomic_write
 from pdray.pvalues import roc_vs_training
@@ -193,7 +193,7 @@ def report(out: str | Path) -> str:
                f"with PixelDefend on this dataset.", ""]
     data_name = run.get("data", {}).get("name") or f"{cfg['dataset']} (data not recorded)"
     md = [f"# pdray report: {data_name}", "",
-          f"{df.image_id.nunique()} {cfg.get('images', 'test')} images of {data_name}; eps_attack {eps}; "
+          f"{df.image_id.nunique()} {cfg.get('images', EvalConfig.images)} images of {data_name}; eps_attack {eps}; "
           f"eps_defend {cfg['eps_defend']}; "
           f"PixelCNN {cfg['pixelcnn']}; classifiers {', '.join(cfg['classifiers'])}.", "",
           f"## Table 1 (accuracy %, cells are eps_attack {eps})", "", table,

@@ -241,6 +241,8 @@ def test_validation_images_are_the_held_out_tail_not_the_test_set():
         assert (batch["image"][clean] == split.images[:3]).all()
         assert (batch["label"][clean] == split.labels[:3]).all()
     assert not (d.validation.images[:3] == d.test.images[:3]).all()
+    with pytest.raises(ValueError):  # not silently the validation images
+        d.split("tset")
 
 
 def test_adaptive_attacks_are_made_by_the_purifier_and_reported_apart():
@@ -309,6 +311,22 @@ def test_each_defense_row_holds_the_images_made_against_it(monkeypatch):
             rows = df[(df.attack == attack) & (df.defense == d)].sort_values("image_id")
             got = np.stack([np.frombuffer(b, np.uint8) for b in rows.image_input])
             assert np.array_equal(got, made[d].reshape(len(clean), -1)), (attack, d)
+
+
+def test_a_purifier_call_slower_than_ray_datas_no_progress_guard_still_completes(tmp_path,
+                                                                              monkeypatch):
+    """BPDA is made inside the purifier stage, so one call can outlast Ray Data's guard
+    against executions that make no progress (30 min by default) and would fail the run.
+    Here the guard is 0.1 s and the call, BPDA on two images, takes longer."""
+    from ray.data import DataContext
+
+    local_ray()
+    monkeypatch.delenv("RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S", raising=False)
+    monkeypatch.setattr(DataContext.get_current(), "execution_no_progress_timeout_s", 0.1)
+    cfg = EvalConfig(**{**CFG, "n_images": 2, "shards": 1, "attacks": ["bpda"],
+                        "eps_attack": [8], "defenses": ["pixeldefend"], "bpda_steps": 5})
+    pipeline.run(cfg, RunOptions(out=str(tmp_path)))
+    assert results.completed_shards(tmp_path) == {0}
 
 
 def test_cpu_purifiers_grow_into_the_free_cpus_unless_fixed():
