@@ -60,7 +60,8 @@ def accuracy_long(df: pd.DataFrame) -> pd.DataFrame:
 
 def table1_markdown(long: pd.DataFrame, paper_dataset: str | None = None) -> str:
     """Table 1 as the paper lays it out. With ``paper_dataset``, each row is followed by
-    the paper's row for the same network, training and defense, where its Table 1 has one."""
+    the paper's row for the same network, training and defense, where its Table 1 has one,
+    and the paper's rows this run has no classifier for come in their place, ours empty."""
     present = set(long.attack)
     cols = [c for c in COLUMNS if c in present]
     cols += ["strongest", "worst_case"] if set(cols) - {"clean"} else []  # over the paper's attacks
@@ -71,16 +72,21 @@ def table1_markdown(long: pd.DataFrame, paper_dataset: str | None = None) -> str
     # The paper's row order: by defense, then Normal (ResNet, VGG) before the robust trainings.
     defenses = {d: i for i, d in enumerate(DEFENSE_NAMES)}
     recipes = {r: i for i, r in enumerate(RECIPE_NAMES)}
-    groups = sorted(long.groupby(["classifier", "network", "recipe", "defense"]),
-                    key=lambda kv: (defenses.get(kv[0][3], 9), recipes.get(kv[0][2], 9),
-                                    kv[0][1] != "resnet", kv[0][0]))
-    for (_, network, recipe, defense), g in groups:
+    groups = list(long.groupby(["classifier", "network", "recipe", "defense"]))
+    ours = {k[1:] for k, _ in groups}
+    groups += [(("", *k), long.iloc[:0]) for k in paper.TABLE1.get(paper_dataset, {})
+               if k not in ours]
+    groups.sort(key=lambda kv: (defenses.get(kv[0][3], 9), recipes.get(kv[0][2], 9),
+                                kv[0][1] != "resnet", kv[0][0]))
+    for (classifier, network, recipe, defense), g in groups:
         label = RECIPE_NAMES.get(recipe, recipe) + (f" + {DEFENSE_NAMES[defense]}"
                                                     if DEFENSE_NAMES.get(defense) else "")
+        label += "" if classifier else " (not in this run)"
         cells = []
         for c in cols:
             acc = g[g.attack == c].set_index("eps_attack").accuracy
-            cells.append("/".join(f"{100 * acc[e]:02.0f}" if e in acc else "--" for e in eps_list))
+            cells.append("/".join(f"{100 * acc[e]:02.0f}" if e in acc else "--" for e in eps_list)
+                         if classifier else "")
         lines.append(f"| {'ResNet' if network == 'resnet' else 'VGG'} | {label} | "
                      + " | ".join(cells) + " |")
         theirs = [paper.table1_cell(paper_dataset, network, recipe, defense, c)

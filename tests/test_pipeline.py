@@ -5,7 +5,7 @@ import json
 import pandas as pd
 import pytest
 
-from pdray import pipeline, report, results
+from pdray import paper, pipeline, report, results
 from pdray.config import EvalConfig, RunOptions
 from pdray.errors import PdrayError
 from conftest import local_ray
@@ -122,8 +122,16 @@ def test_table1_puts_the_papers_rows_beside_ours():
     lines = report.table1_markdown(long, paper_dataset="cifar10").splitlines()
     assert lines[2] == "| ResNet | Normal | 50/25 | 50/25 | 50/25 | --/-- |"
     assert lines[3] == "| | *paper* | 92/92 | 33/15 | 07/00 |  |"  # no per-image worst case there
-    assert lines[5] == "| | *paper* | 84/84 | 31/20 | 13/00 |  |"  # + Feature Squeezing
+    squeezed = lines.index("| ResNet | Normal + Feature Squeezing | 50/25 | 50/25 | 50/25 | --/-- |")
+    assert lines[squeezed + 1] == "| | *paper* | 84/84 | 31/20 | 13/00 |  |"
+    # Every row the paper prints is there, in its order, those we have no classifier for empty.
+    assert lines[4:6] == ["| VGG | Normal (not in this run) |  |  |  |  |",
+                          "| | *paper* | 89/89 | 60/46 | 37/00 |  |"]
+    assert sum(line.startswith("| | *paper*") for line in lines) == len(paper.TABLE1_CIFAR10)
+    assert lines[-2:] == ["| ResNet | Adversarial FGSM + Adaptive PixelDefend (not in this run) "
+                          "|  |  |  |  |", "| | *paper* | 90/90 | 81/70 | 81/70 |  |"]
     assert report.table1_markdown(long, paper_dataset="fmnist").count("*paper*") == 0
+    assert "not in this run" not in report.table1_markdown(long)
     bpda_only = long[long.attack == "clean"].assign(attack="bpda")
     assert report.table1_markdown(pd.concat([long[long.attack == "clean"], bpda_only])) \
         .startswith("| NETWORK | TRAINING / DEFENSE | CLEAN | BPDA |")
