@@ -7,7 +7,6 @@ torch, Ray and foolbox take seconds to import, which `pdray --help` should not p
 from __future__ import annotations
 
 import json
-import signal
 import sys
 import textwrap
 from pathlib import Path
@@ -467,24 +466,15 @@ def train_pixelcnn(
          as_json)
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
 def run(fn, *args, **kwargs):
     """Call ``fn`` (the app, or a job's function); a PdrayError becomes one paragraph on
-    stderr and exit status 2, never a traceback. SIGTERM (`ray job stop`, a scheduler's
-    preemption) stops it as Ctrl-C does, so an evaluation still records the shards it
-    wrote and their wall time."""
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    stderr and exit status 2, never a traceback."""
     try:
         return fn(*args, **kwargs)
     except PdrayError as e:
         print(textwrap.fill(f"pdray: error: {e}", width=100, break_long_words=False,
                             break_on_hyphens=False), file=sys.stderr)
         sys.exit(2)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def main() -> None:

@@ -95,29 +95,6 @@ def test_an_interrupted_run_records_only_if_it_wrote_shards(tmp_path, monkeypatc
     assert entry["wall_time_s"] >= 0
 
 
-def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path, monkeypatch):
-    """`ray job stop` and schedulers send SIGTERM: through the CLI's runner it unwinds as
-    Ctrl-C does, so the shards a run wrote go into its history."""
-    import os
-    import signal
-    import time
-
-    from pdray import cli
-
-    def terminated_after_one(cfg, opts, shards, todo, out, log, written):
-        written.append(todo[0])
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(30)  # interrupted long before
-
-    monkeypatch.setattr(pipeline, "_evaluate", terminated_after_one)
-    before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(KeyboardInterrupt):
-        cli.run(pipeline.run, EvalConfig(**CFG), RunOptions(out=str(tmp_path)))
-    assert signal.getsignal(signal.SIGTERM) is before
-    (entry,) = results.read_history(tmp_path)
-    assert entry["completed"] == [0] and entry["interrupted"] and entry["wall_time_s"] < 30
-
-
 def test_report(full_run, capsys):
     table = report.report(full_run)
     folder = full_run / "report"
