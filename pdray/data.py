@@ -159,9 +159,11 @@ class Data:
                 "sha256": self.sha256, **({"custom": self.custom} if self.custom is not None else {})}
 
     def provenance(self) -> dict:
-        """What a run records about its data: same name and checksums, same data."""
-        return {"dataset": self.dataset.value, "name": self.name, "source": self.source,
-                "sha256": self.sha256}
+        """What a run or a shipped model records about its data: same name and checksums,
+        same data. The folder goes by its last two parts, not this machine's path, since
+        run.json and the manifest are committed."""
+        return {"dataset": self.dataset.value, "name": self.name,
+                "source": "/".join(Path(self.source).parts[-2:]), "sha256": self.sha256}
 
 
 def cache_dir() -> Path:

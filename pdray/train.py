@@ -98,8 +98,10 @@ def fit(loop, config: dict, name: str, scaling: Scaling):
     return trainer.fit()
 
 
-def finish(result, name: str, ship: bool) -> dict:
-    """Turn the run's last checkpoint into a weights file (and a manifest entry if shipped)."""
+def finish(result, cfg: ClassifierConfig | PixelCNNConfig, ship: bool) -> dict:
+    """Turn the run's last checkpoint into a weights file (and a manifest entry if shipped,
+    with the data its metric was measured on)."""
+    name = cfg.name
     if result.error:
         raise result.error
     with result.checkpoint.as_directory() as d:
@@ -110,7 +112,11 @@ def finish(result, name: str, ship: bool) -> dict:
     ckpt["state_dict"] = state["model"]
     wall = state["wall_time_s"]
     if ship:
-        return zoo.export(ckpt, name, epochs=state["epoch"], wall_time_s=wall)
+        trained_on = data.load(cfg.dataset, cfg.data_dir).provenance()
+        if getattr(cfg, "jpeg_quality", 0):
+            trained_on["jpeg_quality"] = cfg.jpeg_quality
+        return zoo.export(ckpt, name, epochs=state["epoch"], wall_time_s=wall,
+                          trained_on=trained_on)
     return {"name": name, "epochs": state["epoch"], "wall_time_s": wall, "metrics": state["metrics"]}
 
 
@@ -193,7 +199,7 @@ def train_classifier(cfg: ClassifierConfig, scaling: Scaling, ship: bool = False
     cfg = cfg.resolved()
     data.locate(cfg.dataset, cfg.data_dir)  # here, not as a traceback from every worker
     result = fit(classifier_loop, asdict(cfg), cfg.name, scaling)
-    return finish(result, cfg.name, ship)
+    return finish(result, cfg, ship)
 
 
 # ---- PixelCNN ------------------------------------------------------------------------------
@@ -308,7 +314,7 @@ def train_pixelcnn(cfg: PixelCNNConfig, scaling: Scaling, ship: bool = False) ->
     data.locate(cfg.dataset, cfg.data_dir)  # here, not as a traceback from every worker
     check_resumable(cfg, scaling)
     result = fit(pixelcnn_loop, asdict(cfg), cfg.name, scaling)
-    out = finish(result, cfg.name, ship)
+    out = finish(result, cfg, ship)
     if ship:  # p-values rank against these; computing them is a one-off per checkpoint
         detect.store_train_log_likelihoods(cfg.name, cfg.data_dir)
     return out

@@ -119,8 +119,10 @@ def load(name_or_path: str | Path, device: torch.device | str = "cpu") -> tuple[
 FLOAT32_LIMIT_MB = 25.0  # larger weights ship in float16 (the VGG's 12.8M parameters)
 
 
-def export(ckpt: dict, name: str, epochs: int, wall_time_s: float) -> dict:
+def export(ckpt: dict, name: str, epochs: int, wall_time_s: float,
+           trained_on: dict | None = None) -> dict:
     """Ship a trained model: write weights/<name>.pt and its manifest entry, atomically.
+    ``trained_on`` (``data.Data.provenance``) names the data it was trained and scored on.
     Weights over FLOAT32_LIMIT_MB are stored in float16 to keep the repository small;
     loading copies them into the float32 model, and the manifest says "stored_as"."""
     weights_dir().mkdir(parents=True, exist_ok=True)
@@ -136,6 +138,7 @@ def export(ckpt: dict, name: str, epochs: int, wall_time_s: float) -> dict:
            "recipe": ckpt.get("recipe"), "epochs": epochs, "wall_time_s": round(wall_time_s, 1),
            "metrics": ckpt["metrics"], "config": ckpt["config"],
            **({"train_config": ckpt["train_config"]} if "train_config" in ckpt else {}),
+           **({"data": trained_on} if trained_on else {}),
            "stored_as": stored_as, "sha256": sha256(path), "file": path.name}
     _write_manifest([e for e in manifest() if e["name"] != name] + [new])
     return new

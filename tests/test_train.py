@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pdray import train, zoo
+from pdray import data, train, zoo
 from pdray.errors import PdrayError
 from pdray.files import sha256
 
@@ -48,6 +48,7 @@ def test_label_smoothing_and_export(ray_local, tmp_path, monkeypatch):
     model, ckpt = zoo.load(entry["name"])
     assert ckpt["arch"] == "resnet" and model(torch.zeros(1, 1, 28, 28)).shape == (1, 10)
     assert zoo.manifest()[0]["sha256"] == sha256(zoo.weights_dir() / entry["file"])
+    assert entry["data"]["sha256"] == data.load("fmnist").sha256  # what its metric was measured on
 
 
 def test_relative_data_dir_is_the_drivers(ray_local, tmp_path, monkeypatch):
