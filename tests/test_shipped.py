@@ -4,7 +4,7 @@ data here is not the kind of pixels (exact or the JPEG copy) the metric was meas
 
 import pytest
 
-from pdray import zoo
+from pdray import data, zoo
 
 
 @pytest.mark.parametrize("name,n_images,tolerance", [
@@ -17,10 +17,13 @@ def test_shipped_model_scores_as_its_manifest_says(name, n_images, tolerance, re
                                                    monkeypatch):
     real = request.getfixturevalue(f"real_{name.split('-')[0]}")
     monkeypatch.delenv("PDRAY_WEIGHTS_DIR")  # the package's weights, not the tiny test zoo
-    trained_on = zoo.entry(name).get("data", {}).get("name")
-    if trained_on and ("JPEG" in trained_on) != ("JPEG" in real.name):
-        pytest.skip(f"{name} was trained and scored on {trained_on}; the data here is {real.name}")
-    shipped = zoo.entry(name)["metrics"]
+    entry = zoo.entry(name)
+    trained_on = entry.get("data")
+    if trained_on and ((trained_on["sha256"] == data.CIFAR10_JPEG_COPY_SHA256)
+                       != (real.sha256 == data.CIFAR10_JPEG_COPY_SHA256)):
+        pytest.skip(f"{name} was trained and scored on {trained_on['name']}; "
+                    f"the data here is {real.name}")
+    shipped = entry["metrics"]
     r = zoo.metric(name, n_images, real.source)
     if r["metric"] == "accuracy":
         assert r["value"] >= shipped["test_accuracy"] - tolerance
