@@ -273,7 +273,10 @@ def _evaluate(cfg: EvalConfig, opts: RunOptions, shards: list[list[int]], todo: 
         cluster.require_gpus(opts.num_purifiers or gpus)
     purifiers = _purifier_pool(opts, gpus)
     ctx = DataContext.get_current()
-    ctx.wait_for_min_actors_s = 600  # a GPU the cluster never gets fails instead of hanging
+    # Both pools start at once (Ray Data's default): the purifiers load their PixelCNN while
+    # the attackers load their classifiers, rather than after them. require_gpus above has
+    # already refused GPUs the cluster does not have.
+    ctx.wait_for_min_actors_s = -1
     # BPDA is made inside the purifier stage, so one call takes as long as its batch's
     # attacks (hours on a CPU with restarts): Ray Data's no-progress guard (30 min) must not
     # fail the run. Ray retries a dead actor; the variable still sets a bound if asked for.

@@ -29,6 +29,9 @@ REQUIRE_DATA = os.environ.get("PDRAY_REQUIRE_DATA") == "1"
 # made below and never downloads.
 os.environ["PDRAY_OFFLINE"] = "1"
 os.environ["RAY_AUTH_MODE"] = "disabled"
+# Ray Train's controller polls its workers every 2 s, and a test's two-step training
+# waits on those polls as it starts and ends.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 torch.set_num_threads(2)
 
 
@@ -231,10 +234,11 @@ def ray_local():
     return local_ray()
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def gpu_cluster():
     """Three fake nodes in this machine: a head with no GPU and two workers with one GPU
-    each (Ray schedules them; torch still runs on the CPU)."""
+    each (Ray schedules them; torch still runs on the CPU). One per module: starting it
+    takes ~10 s, and a test that removes a node runs last."""
     import ray
     from ray.cluster_utils import Cluster
 

@@ -1,8 +1,7 @@
 import numpy as np
 import pytest
-import torch
 
-from pdray import ablation, train, zoo
+from pdray import ablation
 from pdray.config import Purifier
 from pdray.errors import PdrayError
 from conftest import tiny_classifier, tiny_pixelcnn
@@ -57,22 +56,6 @@ def test_lbfgsb_purifier_climbs_the_likelihood_inside_the_ball(fmnist_samples):
     for r in rows:  # from the input, uphill, and never out of the box
         assert r["bpd_after"] < r["bpd_before"]
         assert 0 < r["purified_to_clean"] <= r["input_to_clean"] + 8
-
-
-def test_mixture_head_on_jpeg_data_trains_and_its_state_loads(ray_local, tmp_path):
-    """The ablation's knobs go through the real training loop, and a training
-    state loads as the model it would ship (its averaged weights)."""
-    cfg = train.PixelCNNConfig(dataset="fmnist", filters=8, blocks=1, head="mixture", mixtures=2,
-                               jpeg_quality=44, noise=4.0, context_noise=4.0, steps=2,
-                               batch_size=8, compile=False, report_every=2, eval_images=8)
-    assert cfg.name == "fmnist-pixelcnn-mixture-jpeg44-noise4-ctxnoise4"  # its own run folder
-    result = train.train_pixelcnn(cfg, train.Scaling(runs_dir=str(tmp_path)))
-    assert result["metrics"]["step"] == 2 and result["metrics"]["test_bpd"] > 0
-    state = sorted((tmp_path / cfg.name).glob("checkpoint_*/state.pt"))[-1]
-    model, ckpt = zoo.load(state)
-    assert model.config.head == "mixture" and ckpt["kind"] == "pixelcnn"
-    last = ablation.load_density(str(state), last_weights=True)
-    assert not torch.equal(last.head.weights.weight, model.head.weights.weight)  # not the average
 
 
 def test_ablate_refuses_bpda_and_unknown_attacks_before_any_work(tmp_path):

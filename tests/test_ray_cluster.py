@@ -55,33 +55,20 @@ def assert_complete(out, cfg):
     assert results.completed_shards(out) == set(range(cfg["shards"]))
 
 
-def test_purifiers_spread_one_per_gpu(gpu_cluster, tmp_path):
-    pipeline.run(EvalConfig(**MANY_SHARDS), RunOptions(out=str(tmp_path)))
-    assert_complete(tmp_path, MANY_SHARDS)
-    df, _ = results.load_results(tmp_path)
-    placements = set(df.purifier)
-    assert len(placements) == 2, placements  # two purifiers, one on each GPU node
-    assert len({p.split(" gpu ")[0] for p in placements}) == 2
-    assert all(" gpu -" not in p for p in placements)
-
-
-def test_losing_a_worker_node_mid_run(gpu_cluster, tmp_path):
-    cluster, workers = gpu_cluster
-    thread, box = run_in_thread(MANY_SHARDS, tmp_path)
-    done_at_kill = wait_for_first_shard(tmp_path, thread)
-    cluster.remove_node(workers[0])
-    thread.join(600)
-    assert "error" not in box, box.get("error")
-    assert done_at_kill < MANY_SHARDS["shards"]  # the node died while work remained
-    assert_complete(tmp_path, MANY_SHARDS)
+def cmdline(p: psutil.Process) -> str:
+    try:
+        return " ".join(p.cmdline())
+    except psutil.Error:  # it ended meanwhile
+        return ""
 
 
 def test_killing_a_purifier_actor_mid_run(tmp_path):
     local_ray()
     thread, box = run_in_thread(MANY_SHARDS, tmp_path)
     done_at_kill = wait_for_first_shard(tmp_path, thread)
-    victims = [p for p in psutil.process_iter(["cmdline"])
-               if "PurifierStage" in " ".join(p.info["cmdline"] or [])]
+    # This test's Ray runs under this process: never a purifier of another evaluation.
+    victims = [p for p in psutil.Process().children(recursive=True)
+               if "PurifierStage" in cmdline(p)]
     assert victims, "no purifier actor process found"
     for p in victims:
         p.send_signal(signal.SIGKILL)
@@ -118,8 +105,8 @@ def ray_head(tmp_path_factory):
                     f"--runtime-env-agent-port={free_port()}", "--disable-usage-stats"],
                    env=env, check=True, capture_output=True, timeout=120)
     yield f"http://127.0.0.1:{dash}", env, tmp
-    for p in psutil.process_iter(["cmdline"]):
-        if str(temp_dir) in " ".join(p.info["cmdline"] or []):
+    for p in psutil.process_iter():
+        if str(temp_dir) in cmdline(p):
             p.kill()
     shutil.rmtree(temp_dir, ignore_errors=True)
 
@@ -144,3 +131,24 @@ def test_ray_job_submit_runs_full_eval(ray_head):
     assert "on GPUs" in r.stdout  # the fake GPU was found and asked for
     assert results.completed_shards(out) == {0, 1}
     assert (out / "report" / "table1.md").exists()
+
+
+def test_purifiers_spread_one_per_gpu(gpu_cluster, tmp_path):
+    pipeline.run(EvalConfig(**MANY_SHARDS), RunOptions(out=str(tmp_path)))
+    assert_complete(tmp_path, MANY_SHARDS)
+    df, _ = results.load_results(tmp_path)
+    placements = set(df.purifier)
+    assert len(placements) == 2, placements  # two purifiers, one on each GPU node
+    assert len({p.split(" gpu ")[0] for p in placements}) == 2
+    assert all(" gpu -" not in p for p in placements)
+
+
+def test_losing_a_worker_node_mid_run(gpu_cluster, tmp_path):
+    cluster, workers = gpu_cluster
+    thread, box = run_in_thread(MANY_SHARDS, tmp_path)
+    done_at_kill = wait_for_first_shard(tmp_path, thread)
+    cluster.remove_node(workers[0])
+    thread.join(600)
+    assert "error" not in box, box.get("error")
+    assert done_at_kill < MANY_SHARDS["shards"]  # the node died while work remained
+    assert_complete(tmp_path, MANY_SHARDS)

@@ -3,28 +3,21 @@
 import pytest
 import torch
 
-from pdray import data, train, zoo
+from pdray import ablation, data, train, zoo
 from pdray.errors import PdrayError
 from pdray.files import sha256
 
 
-def test_adv_bim_trains_and_resumes(ray_local, tmp_path):
-    scaling = train.Scaling(runs_dir=str(tmp_path))
-    cfg = train.ClassifierConfig(dataset="fmnist", recipe="adv-bim", epochs=1, max_steps=2,
-                                 batch_size=16, eval_images=50)
-    first = train.train_classifier(cfg, scaling)
-    assert first["epochs"] == 1 and 0 <= first["metrics"]["test_accuracy"] <= 1
-    cfg.epochs = 2  # the same run again, longer: it must continue, not restart
-    second = train.train_classifier(cfg, scaling)
-    assert second["epochs"] == 2 and second["wall_time_s"] > first["wall_time_s"]
-
-
-def test_a_mid_epoch_state_resumes_exactly(ray_local, tmp_path):
+def test_a_classifier_resumes_exactly_continues_and_ships(ray_local, tmp_path, monkeypatch):
     """Stopped after 2 of 4 steps and resumed from the mid-epoch state, a run ends with the
-    weights of the run that was never stopped (same batches, eps draws and RNG)."""
+    weights of the run that was never stopped (same batches, eps draws and RNG). Started
+    again with more epochs, the same run continues from Ray's checkpoint, and ships. (Each
+    recipe's step is tested without Ray, in test_recipes.py; a Ray Train run costs ~20 s.)"""
+    monkeypatch.setenv("PDRAY_WEIGHTS_DIR", str(tmp_path / "weights"))
     cfg = train.ClassifierConfig(dataset="fmnist", recipe="adv-fgsm", epochs=1, max_steps=4,
                                  batch_size=16, eval_images=20, checkpoint_every=2)
     whole = train.train_classifier(cfg, train.Scaling(runs_dir=str(tmp_path / "whole")))
+    assert whole["epochs"] == 1 and 0 <= whole["metrics"]["test_accuracy"] <= 1
     states = sorted((tmp_path / "whole").glob("*/checkpoint_*/state.pt"))
     assert len(states) == 2  # the step-2 state, then the epoch's end
     middle = torch.load(states[0], weights_only=True)
@@ -38,13 +31,11 @@ def test_a_mid_epoch_state_resumes_exactly(ray_local, tmp_path):
     for k, v in ends[0]["model"].items():
         assert torch.equal(v, ends[1]["model"][k]), k
 
-
-def test_label_smoothing_and_export(ray_local, tmp_path, monkeypatch):
-    monkeypatch.setenv("PDRAY_WEIGHTS_DIR", str(tmp_path / "weights"))
-    cfg = train.ClassifierConfig(dataset="fmnist", recipe="label-smoothing", epochs=1,
-                                 max_steps=2, batch_size=16, eval_images=50)
-    entry = train.train_classifier(cfg, train.Scaling(runs_dir=str(tmp_path / "runs")), ship=True)
-    assert entry["name"] == "fmnist-resnet-label-smoothing" and entry["recipe"] == "label-smoothing"
+    cfg.resume_from, cfg.epochs = None, 2  # the first run again, longer: it must continue
+    entry = train.train_classifier(cfg, train.Scaling(runs_dir=str(tmp_path / "whole")),
+                                   ship=True)
+    assert entry["epochs"] == 2 and entry["wall_time_s"] > round(whole["wall_time_s"], 1)
+    assert entry["name"] == "fmnist-resnet-adv-fgsm" and entry["recipe"] == "adv-fgsm"
     model, ckpt = zoo.load(entry["name"])
     assert ckpt["arch"] == "resnet" and model(torch.zeros(1, 1, 28, 28)).shape == (1, 10)
     assert zoo.manifest()[0]["sha256"] == sha256(zoo.weights_dir() / entry["file"])
@@ -66,13 +57,22 @@ def test_relative_data_dir_is_the_drivers(ray_local, tmp_path, monkeypatch):
     assert result["metrics"]["eval_images"] == 20
 
 
-def test_pixelcnn_trains_and_resumes(ray_local, tmp_path):
+def test_pixelcnn_trains_resumes_and_its_state_loads(ray_local, tmp_path):
+    """With every ablation knob (mixture head, JPEG data, noise, dilations) through the real
+    loop; a training state loads as the model it would ship (its averaged weights)."""
     scaling = train.Scaling(runs_dir=str(tmp_path))
-    cfg = train.PixelCNNConfig(dataset="fmnist", filters=8, blocks=2, dilations=(1, 2), steps=2,
-                               batch_size=8, compile=False, report_every=2, eval_images=20)
+    cfg = train.PixelCNNConfig(dataset="fmnist", filters=8, blocks=2, dilations=(1, 2),
+                               head="mixture", mixtures=2, jpeg_quality=44, noise=4.0,
+                               context_noise=4.0, steps=2, batch_size=8, compile=False,
+                               report_every=2, eval_images=8)
+    assert cfg.name == "fmnist-pixelcnn-mixture-jpeg44-noise4-ctxnoise4-dil1-2"  # its own folder
     first = train.train_pixelcnn(cfg, scaling)
     assert first["metrics"]["step"] == 2 and first["metrics"]["test_bpd"] > 0
-    assert cfg.name == "fmnist-pixelcnn-dil1-2"
+    state = sorted((tmp_path / cfg.name).glob("checkpoint_*/state.pt"))[-1]
+    model, ckpt = zoo.load(state)
+    assert model.config.head == "mixture" and ckpt["kind"] == "pixelcnn"
+    last = ablation.load_density(str(state), last_weights=True)
+    assert not torch.equal(last.head.weights.weight, model.head.weights.weight)  # not the average
     cfg.steps = 4
     second = train.train_pixelcnn(cfg, scaling)
     assert second["metrics"]["step"] == 4
