@@ -1,4 +1,5 @@
-"""Ray Train runs for a few steps: every recipe's code path, checkpoints and resume."""
+"""Ray Train runs for a few steps: both training loops, checkpoints, resume and export.
+Each recipe's step is tested without Ray (test_recipes.py): a Ray Train run costs ~20 s."""
 
 import pytest
 import torch
@@ -11,8 +12,7 @@ from pdray.files import sha256
 def test_a_classifier_resumes_exactly_continues_and_ships(ray_local, tmp_path, monkeypatch):
     """Stopped after 2 of 4 steps and resumed from the mid-epoch state, a run ends with the
     weights of the run that was never stopped (same batches, eps draws and RNG). Started
-    again with more epochs, the same run continues from Ray's checkpoint, and ships. (Each
-    recipe's step is tested without Ray, in test_recipes.py; a Ray Train run costs ~20 s.)"""
+    again with more epochs, the same run continues from Ray's checkpoint, and ships."""
     monkeypatch.setenv("PDRAY_WEIGHTS_DIR", str(tmp_path / "weights"))
     cfg = train.ClassifierConfig(dataset="fmnist", recipe="adv-fgsm", epochs=1, max_steps=4,
                                  batch_size=16, eval_images=20, checkpoint_every=2)
