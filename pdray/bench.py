@@ -5,6 +5,11 @@ incremental purifier. A full reference run costs 3072 full passes per CIFAR-10 b
 it is timed on its first ``reference_steps`` sub-pixels and extrapolated: every step is
 the same full forward pass, so its cost per step is constant. Agreement comes from full
 runs of both on ``agreement_images`` images.
+
+``deepfool``: foolbox's L2 DeepFool loop against pdray's (``attacks.l2_deepfool``) on the
+same classifier and images, in process CPU time, and how far their images differ.
+
+``pipeline``: the Ray pipeline against the bare stage loop on the same workload.
 """
 
 from __future__ import annotations
@@ -26,14 +31,14 @@ from pdray.pixelcnn import bits_per_dim
 from pdray.pixels import to_nchw, to_nhwc
 
 
-def _timed(fn):
+def _timed(fn, clock=time.perf_counter):
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    t = time.perf_counter()
+    t = clock()
     out = fn()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    return out, time.perf_counter() - t
+    return out, clock() - t
 
 
 class _ArtProbabilities(torch.nn.Module):
@@ -168,6 +173,39 @@ def bench_purify(dataset: str, n_images: int | None = None, batch_size: int | No
            if device.type == "cuda" else {}),
         "torch_threads": torch.get_num_threads(), **extra,
     }
+
+
+def bench_deepfool(classifier: str, n_images: int = 20, steps: int | None = None,
+                   data_dir=None) -> dict:
+    """CPU seconds of this process (the bench pins torch to one thread, as the attacker
+    actors run) so that other work on the machine does not tilt the ratio."""
+    import foolbox as fb
+
+    from pdray import attacks
+
+    steps = defaults(EvalConfig)["deepfool_steps"] if steps is None else steps
+    if n_images < 1 or steps < 1:
+        raise PdrayError("n-images and steps must be at least 1.")
+    entry = zoo.entry(classifier)
+    model, _ = zoo.load(classifier)
+    d = data.load(entry["dataset"], data_dir)
+    images, labels = d.test.images[:n_images], d.test.labels[:n_images]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        (ref, ref_found), foolbox_s = _timed(lambda: attacks._foolbox(
+            fb.attacks.L2DeepFoolAttack(steps=steps, candidates=10), model, images, labels, None),
+            clock=time.process_time)
+        (ours, found), pdray_s = _timed(lambda: attacks.l2_deepfool(model, images, labels,
+                                                                    steps=steps), clock=time.process_time)
+    finally:
+        torch.set_num_threads(threads)
+    return {"classifier": classifier, "data": d.name, "images": len(images), "steps": steps,
+            "foolbox_cpu_s": round(foolbox_s, 2), "pdray_cpu_s": round(pdray_s, 2),
+            "speedup": round(foolbox_s / pdray_s, 2),
+            "identical_images": _mean((ref == ours).reshape(len(ours), -1).all(1)),
+            "max_abs_diff_levels": float(np.abs(ref - ours).max()),
+            "found_agreement": _mean(ref_found == found), "found": int(found.sum())}
 
 
 def _mean(agree: np.ndarray) -> float | None:

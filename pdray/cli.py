@@ -204,6 +204,18 @@ def bench_purify(dataset: str = typer.Option(..., "--dataset"),
                             agreement_images, data_dir, art=art, device=device), as_json)
 
 
+@bench_app.command("deepfool")
+def bench_deepfool(classifier: str = typer.Option(..., "--classifier"),
+                   n_images: int = typer.Option(20, "--n-images"),
+                   steps: int = typer.Option(EVAL["deepfool_steps"], "--steps"),
+                   data_dir: Optional[Path] = DataDir,
+                   as_json: bool = AsJson):
+    """foolbox's DeepFool loop against pdray's on the same classifier and test images."""
+    from pdray import bench
+
+    emit(bench.bench_deepfool(classifier, n_images, steps, data_dir), as_json)
+
+
 @app.command("adaptive-threshold")
 def adaptive_threshold_cmd(dataset: str = typer.Option(..., "--dataset"),
                            classifier: Optional[str] = typer.Option(None, "--classifier"),

@@ -62,6 +62,25 @@ def test_attacks_lower_accuracy_of_a_trained_model(name, fitted, fmnist_samples)
     assert (predict(fitted, adv) == labels).mean() < 0.5
 
 
+@pytest.mark.parametrize("samples", ["fmnist_samples", "cifar_samples"])
+def test_deepfool_is_foolboxs_deepfool(samples, fitted, request):
+    """pdray's DeepFool loop drops images once they are adversarial and shares one forward
+    pass among the candidate classes; each image must still get foolbox's iterates. Some
+    images flip at the first step and some later (on Fashion-MNIST some not within 10), so
+    the batch shrinks along the way."""
+    import foolbox as fb
+    images, labels = request.getfixturevalue(samples)
+    model = fitted if images.shape[-1] == 1 else tiny_classifier(3)
+    for steps in (1, 10):
+        ref, ref_found = attacks._foolbox(fb.attacks.L2DeepFoolAttack(steps=steps, candidates=10),
+                                          model, images, labels, None)
+        ours, found = attacks.l2_deepfool(model, images, labels, steps=steps)
+        np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-3)
+        assert np.array_equal(found, ref_found)
+        if steps == 1:
+            assert 0 < found.sum() < len(found)
+
+
 class ConstantLogits(torch.nn.Module):
     """A classifier no attack can fool: class 3 for every image, whatever its pixels, except
     an all-black one, which it calls class 5. So foolbox's success flag is True for CW's

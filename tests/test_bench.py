@@ -86,6 +86,17 @@ def test_an_art_failure_is_one_pdray_error(monkeypatch):
         bench.art_pixeldefend(tiny_pixelcnn(1), np.zeros((1, 28, 28, 1), np.uint8), 8, 1)
 
 
+def test_bench_deepfool_times_both_loops_on_the_same_images():
+    """The bench's own agreement check: pdray's DeepFool loop gives foolbox's images, up to
+    the float noise of batch size (here one image goes on alone after the first step)."""
+    r = bench.bench_deepfool("fmnist-resnet-normal", n_images=4, steps=3)
+    assert r["images"] == 4 and r["steps"] == 3 and r["foolbox_cpu_s"] > 0 < r["pdray_cpu_s"]
+    assert r["max_abs_diff_levels"] < 1e-3 and r["found_agreement"] == 1.0
+    assert 0 < r["identical_images"] <= 1
+    with pytest.raises(PdrayError, match="at least 1"):
+        bench.bench_deepfool("fmnist-resnet-normal", n_images=0)
+
+
 def test_torch_device_choices(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert torch_device().type == torch_device("auto").type == torch_device("cpu").type == "cpu"
