@@ -69,6 +69,7 @@ DATA_DIR_COMMANDS = {  # every command that takes --data-dir, with its other opt
     "appendix-e": ["--dataset", "fmnist", "--out", "{tmp}/out"],
     "eval": ["--out", "{tmp}/out"],
     "bench purify": ["--dataset", "fmnist"],
+    "bench deepfool": ["--classifier", "fmnist-resnet-normal"],
     "bench pipeline": [],
     "train classifier": ["--runs-dir", "{tmp}/runs"],
     "train pixelcnn": ["--runs-dir", "{tmp}/runs"],
