@@ -186,9 +186,10 @@ def bench_deepfool(classifier: str, n_images: int = 20, steps: int | None = None
     steps = defaults(EvalConfig)["deepfool_steps"] if steps is None else steps
     if n_images < 1 or steps < 1:
         raise PdrayError("n-images and steps must be at least 1.")
-    entry = zoo.entry(classifier)
+    dataset = zoo.entry(classifier)["dataset"]
+    zoo.require(classifier, "classifier", dataset)
     model, _ = zoo.load(classifier)
-    d = data.load(entry["dataset"], data_dir)
+    d = data.load(dataset, data_dir)
     images, labels = d.test.images[:n_images], d.test.labels[:n_images]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

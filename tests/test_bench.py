@@ -95,6 +95,8 @@ def test_bench_deepfool_times_both_loops_on_the_same_images():
     assert 0 < r["identical_images"] <= 1
     with pytest.raises(PdrayError, match="at least 1"):
         bench.bench_deepfool("fmnist-resnet-normal", n_images=0)
+    with pytest.raises(PdrayError, match="fmnist-pixelcnn is a fmnist pixelcnn, not a"):
+        bench.bench_deepfool("fmnist-pixelcnn")
 
 
 def test_torch_device_choices(monkeypatch):
