@@ -356,8 +356,6 @@ def eval_cmd(dataset: str = typer.Option(EVAL["dataset"], "--dataset", help=choi
                                       help="auto: one GPU per purifier if the cluster has GPUs; 0: CPU."),
              report: bool = typer.Option(True, "--report/--no-report")):
     """The full evaluation on Ray: attacks, detection, defenses, Parquet per shard."""
-    from pdray import pipeline
-
     cfg = EvalConfig(
         dataset=dataset, images=images, n_images=n_images, shards=shards, attacks=_list(attacks),
         eps_attack=_list(eps_attack, float, "--eps-attack"), eps_defend=eps_defend,
@@ -370,6 +368,9 @@ def eval_cmd(dataset: str = typer.Option(EVAL["dataset"], "--dataset", help=choi
                       shard=shard, resume=resume, num_attackers=num_attackers,
                       num_purifiers=num_purifiers, attacker_cpus=attacker_cpus,
                       purifier_cpus=purifier_cpus, gpus=gpus)
+    cfg.resolved(), opts.resolved()  # a typo is an error before seconds of torch and Ray imports
+    from pdray import pipeline
+
     out = pipeline.run(cfg, opts)
     if report:
         report_cmd(out)
@@ -423,13 +424,14 @@ def train_classifier(
         cpus_per_worker: int = CpusPerWorker, gpu: bool = Gpu, runs_dir: Path = RunsDir,
         ship: bool = Ship, as_json: bool = AsJson):
     """Train a Table 1 classifier; rerunning the same command resumes it."""
-    from pdray import train
-
     cfg = ClassifierConfig(dataset=dataset, arch=arch, recipe=recipe, epochs=epochs,
                            batch_size=batch_size, lr=lr, max_steps=max_steps,
                            eval_images=eval_images, checkpoint_every=checkpoint_every,
                            data_dir=str(data_dir) if data_dir else None,
                            resume_from=str(resume_from) if resume_from else None)
+    cfg.resolved()  # as eval's
+    from pdray import train
+
     emit(train.train_classifier(cfg, _scaling(workers, cpus_per_worker, gpu, runs_dir), ship=ship),
          as_json)
 
@@ -476,8 +478,6 @@ def train_pixelcnn(
         cpus_per_worker: int = CpusPerWorker, gpu: bool = Gpu, runs_dir: Path = RunsDir,
         ship: bool = Ship, as_json: bool = AsJson):
     """Train the PixelCNN density model; rerunning the same command resumes it."""
-    from pdray import train
-
     cfg = PixelCNNConfig(dataset=dataset, filters=filters, blocks=blocks, dropout=dropout,
                          logistic=logistic, head=head, mixtures=mixtures,
                          dilations=tuple(_list(dilations, int, "--dilations") or ()), compile=compile,
@@ -486,6 +486,9 @@ def train_pixelcnn(
                          jpeg_quality=jpeg_quality, noise=noise, context_noise=context_noise,
                          data_dir=str(data_dir) if data_dir else None,
                          resume_from=str(resume_from) if resume_from else None)
+    cfg.resolved()  # as eval's
+    from pdray import train
+
     emit(train.train_pixelcnn(cfg, _scaling(workers, cpus_per_worker, gpu, runs_dir), ship=ship),
          as_json)
 

@@ -11,6 +11,7 @@ from pdray import bench, purify
 from pdray.cluster import torch_device
 from pdray.errors import PdrayError
 from conftest import REPO, tiny_pixelcnn
+from test_cli import pdray
 
 try:
     import art  # noqa: F401
@@ -110,9 +111,7 @@ def test_torch_device_choices(monkeypatch):
 
 @no_gpu
 def test_bench_purify_on_cuda_without_a_gpu_is_a_clear_error():
-    r = subprocess.run([sys.executable, "-c", "from pdray.cli import main; main()", "bench",
-                        "purify", "--dataset", "fmnist", "--device", "cuda", "--json"],
-                       capture_output=True, text=True, cwd=REPO, timeout=300)
+    r = pdray("bench", "purify", "--dataset", "fmnist", "--device", "cuda", "--json", check=False)
     assert r.returncode != 0 and r.stdout == ""
     assert "Traceback" not in r.stderr and r.stderr.startswith("pdray: error: --device cuda")
 
