@@ -24,14 +24,18 @@ def pdray(*args, env=None, check=True) -> subprocess.CompletedProcess:
     """`pdray ARGS` run through the entry point in this process, whose imports are already
     paid (a new process spends ~7 s importing torch, ray and foolbox): its exit status and
     what it printed. test_the_installed_command_is_the_same runs it as a process."""
-    out, err = io.StringIO(), io.StringIO()
-    with (mock.patch.dict(os.environ, env or {}), mock.patch.object(sys, "argv", ["pdray", *args]),
-          contextlib.chdir(REPO), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err)):
-        try:
+    out, err, cwd = io.StringIO(), io.StringIO(), os.getcwd()
+    os.chdir(REPO)  # contextlib.chdir needs Python 3.11
+    try:
+        with (mock.patch.dict(os.environ, env or {}),
+              mock.patch.object(sys, "argv", ["pdray", *args]),
+              contextlib.redirect_stdout(out), contextlib.redirect_stderr(err)):
             main()
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else int(e.code is not None)
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    finally:
+        os.chdir(cwd)
     r = subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
     if check:
         assert r.returncode == 0, r.stderr
@@ -48,7 +52,8 @@ def test_the_installed_command_is_the_same(tmp_path):
     assert r.stderr.startswith("pdray: error: Unknown recipe") and "Traceback" not in r.stderr
     r = subprocess.run([str(script), "models", "list", "--json"], capture_output=True, text=True,
                        timeout=600)
-    assert r.returncode == 0 and json.loads(r.stdout) == json.loads(pdray("models", "list", "--json").stdout)
+    listed = json.loads(pdray("models", "list", "--json").stdout)
+    assert r.returncode == 0 and json.loads(r.stdout) == listed
 
 
 def assert_clean_error(r, *words):
