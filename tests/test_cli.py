@@ -14,10 +14,8 @@ from unittest import mock
 import pytest
 import typer
 
-from conftest import USER_DATA_DIR
+from conftest import REPO, USER_DATA_DIR
 from pdray.cli import app, main
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def pdray(*args, env=None, check=True) -> subprocess.CompletedProcess:

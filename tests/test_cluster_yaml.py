@@ -9,7 +9,7 @@ import jsonschema
 import ray
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
 
 
 def test_cluster_yaml_validates_against_rays_schema():
