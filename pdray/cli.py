@@ -341,7 +341,10 @@ def eval_cmd(dataset: str = typer.Option(EVAL["dataset"], "--dataset", help=choi
              purify_batch: int = typer.Option(EVAL["purify_batch"], "--purify-batch",
                                               help="Images per purifier batch."),
              out: Path = typer.Option(Path(RUN["out"]), "--out"),
-             shard: Optional[int] = typer.Option(None, "--shard", help="Rerun only this shard."),
+             shard: Optional[str] = typer.Option(
+                 None, "--shard",
+                 help="Run only these shards: K, A-B or a comma list (e.g. 17 or 30-39). Each "
+                      "replaces its old result; with --resume, completed ones are skipped."),
              resume: bool = typer.Option(False, "--resume", help="Skip completed shards."),
              num_attackers: int = typer.Option(RUN["num_attackers"], "--num-attackers"),
              num_purifiers: Optional[int] = typer.Option(None, "--num-purifiers"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 from importlib import metadata
 from pathlib import Path
 
@@ -83,6 +84,12 @@ def versions() -> dict:
                                                          "pandas")},
             "cpu": f"{_cpu_model()} ({platform.machine()}, torch kernels "
                    f"{torch.backends.cpu.get_cpu_capability()})"}
+
+
+def kernels(cpu: str) -> str | None:
+    """The torch kernel level in a ``versions()["cpu"]`` string (None if it has none)."""
+    found = re.search(r"torch kernels ([^)]+)\)", cpu or "")
+    return found.group(1) if found else None
 
 
 def _cpu_model() -> str:

@@ -236,7 +236,7 @@ class RunOptions:
     """How a run is carried out; not part of what it computes."""
     out: str = "out"
     data_dir: str | None = None
-    shard: int | None = None        # rerun only this shard
+    shard: int | str | None = None  # only these shards: K, A-B, or a comma list of them
     resume: bool = False            # skip shards that have a marker
     num_attackers: int = 1
     num_purifiers: int | None = None  # default: one per GPU, else 1 growing into free CPUs
@@ -251,7 +251,38 @@ class RunOptions:
                              f"{self.attacker_cpus} and {self.purifier_cpus}.")
         if self.gpus != "auto" and not str(self.gpus).isdigit():
             raise PdrayError(f"--gpus must be auto or a number of GPUs; got {self.gpus!r}.")
+        _parse_shards(self.shard)
         return replace(self)
+
+    def shard_ids(self, n_shards: int) -> list[int]:
+        """The shards this run evaluates, in order: those of ``--shard``, else every one."""
+        if self.shard is None:
+            return list(range(n_shards))
+        ids = _parse_shards(self.shard)
+        if not all(0 <= k < n_shards for k in ids):
+            raise PdrayError(f"--shard must be in 0..{n_shards - 1} for {n_shards} shards; "
+                             f"got {self.shard}.")
+        return ids
+
+
+def _parse_shards(spec: int | str | None) -> list[int]:
+    """``--shard``'s shards: K, A-B (both included) or a comma list of them, sorted. A range
+    lets a run stop at a chosen point (a session's or an allocation's end) with no shard
+    half done."""
+    if spec is None:
+        return []
+    ids = set()
+    try:
+        for part in str(spec).split(","):
+            first, _, last = part.strip().partition("-")
+            a, b = int(first), int(last or first)
+            if a < 0 or b < a:
+                raise ValueError
+            ids.update(range(a, b + 1))
+    except ValueError:
+        raise PdrayError(f"--shard takes a shard number K, a range A-B or a comma list of them "
+                         f"(e.g. 17 or 30-39,45); got {spec!r}.") from None
+    return sorted(ids)
 
 
 # ---- training ------------------------------------------------------------------------------

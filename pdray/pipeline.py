@@ -226,17 +226,22 @@ def run(cfg: EvalConfig, opts: RunOptions, log=_log) -> Path:
     n_available = len(d.split(cfg.images).labels)
     shards = [s.tolist() for s in data.shard_indices(cfg.n_images, cfg.shards,
                                                      n_available=n_available)]
-    if opts.shard is not None and not 0 <= opts.shard < len(shards):
-        raise PdrayError(f"--shard must be in 0..{len(shards) - 1} for {len(shards)} shards; "
-                         f"got {opts.shard}.")
+    todo = opts.shard_ids(len(shards))
     names = [*cfg.classifiers, cfg.pixelcnn]
     for name in names:  # every checkpoint verified here, before any actor starts
         zoo.load_checkpoint(zoo.path_of(name), zoo.entry(name)["sha256"])
     train_logp = detect.train_log_likelihoods(cfg.pixelcnn)
+    versions = cluster.versions()
     out = results.prepare_out(opts.out, cfg, shards, {n: zoo.entry(n)["sha256"] for n in names},
-                              d.provenance(), {"versions": cluster.versions(),
+                              d.provenance(), {"versions": versions,
                                                "train_logp_n": len(train_logp)})
-    todo = [opts.shard] if opts.shard is not None else list(range(len(shards)))
+    began_on = results.read_run(out).get("versions", {}).get("cpu", "")
+    if cluster.kernels(began_on) not in (None, cluster.kernels(versions["cpu"])):
+        log(f"note: {out} was begun with torch's {cluster.kernels(began_on)} CPU kernels and "
+            f"this machine runs {cluster.kernels(versions['cpu'])}; CW's and DeepFool's images "
+            f"can differ between the two, so this run's shards may not match the earlier ones' "
+            f"kernels (README, Reproducibility: ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA "
+            f"select older kernels). history.jsonl records each invocation's CPU.")
     if opts.resume:
         todo = [k for k in todo if k not in results.completed_shards(out)]
     if not todo:
@@ -248,7 +253,7 @@ def run(cfg: EvalConfig, opts: RunOptions, log=_log) -> Path:
     def record(**placement):
         results.record_history(out, {
             "command": results.command(), "shards": todo, "completed": written,
-            "interrupted": len(written) < len(todo), **placement,
+            "interrupted": len(written) < len(todo), "cpu": versions["cpu"], **placement,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
             "wall_time_s": round(time.time() - started, 1), "peak_pss_mb": mem.peak_mb})
 

@@ -71,10 +71,7 @@ def write_shard(out: Path, k: int, rows: pd.DataFrame) -> None:
 def load_results(out: Path) -> tuple[pd.DataFrame, dict]:
     """Rows of every shard that has its completion marker, and the run's run.json."""
     out = Path(out)
-    try:
-        run = json.loads((out / "run.json").read_text())
-    except (OSError, ValueError):
-        raise PdrayError(f"{out} has no readable run.json: it is not a pdray results folder.") from None
+    run = read_run(out)
     parts = sorted(p for p in (out / "results").glob("shard=*/part-0.parquet")
                    if (p.parent / MARKER).exists())
     if not parts:
@@ -83,6 +80,14 @@ def load_results(out: Path) -> tuple[pd.DataFrame, dict]:
 
 
 # ---- run.json ------------------------------------------------------------------------------
+
+def read_run(out: Path) -> dict:
+    """OUT/run.json: what the run computes and what it was begun on."""
+    try:
+        return json.loads((Path(out) / "run.json").read_text())
+    except (OSError, ValueError):
+        raise PdrayError(f"{out} has no readable run.json: it is not a pdray results folder.") from None
+
 
 def prepare_out(out: str | Path, cfg: EvalConfig, shards: list[list[int]], models: dict,
                 data: dict | None = None, recorded: dict | None = None) -> Path:

@@ -164,6 +164,7 @@ EVAL = ["eval", "--dataset", "fmnist", "--n-images", "2", "--shards", "1", "--at
     (["--eps-defend", "-3"], ["eps_defend"]),
     (["--classifiers", "fmnist-vgg-normal"], ["No shipped model named 'fmnist-vgg-normal'"]),
     (["--shard", "5"], ["--shard must be in 0..0"]),
+    (["--shard", "0-x"], ["--shard takes a shard number K, a range A-B"]),
     (["--gpus", "1"], ["1 GPU(s) requested but the Ray cluster has 0"]),  # fails, never hangs
 ])
 def test_eval_bad_input_is_a_clear_error(args, words, tmp_path):

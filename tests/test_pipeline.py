@@ -5,7 +5,7 @@ import json
 import pandas as pd
 import pytest
 
-from pdray import paper, pipeline, report, results
+from pdray import cluster, paper, pipeline, report, results
 from pdray.config import EvalConfig, RunOptions
 from pdray.errors import PdrayError
 from conftest import local_ray
@@ -69,8 +69,8 @@ def test_interrupted_then_resumed_equals_uninterrupted(full_run, tmp_path):
     layout): the actors' number and placement must not change a single row."""
     local_ray()
     out = tmp_path / "resumed"
-    pipeline.run(EvalConfig(**CFG), RunOptions(out=str(out), shard=2))
-    assert results.completed_shards(out) == {2}
+    pipeline.run(EvalConfig(**CFG), RunOptions(out=str(out), shard="0,2"))
+    assert results.completed_shards(out) == {0, 2}
     pipeline.run(EvalConfig(**CFG),
                  RunOptions(out=str(out), resume=True, num_attackers=2, purifier_cpus=0))
     pd.testing.assert_frame_equal(rows(full_run), rows(out))
@@ -93,6 +93,36 @@ def test_an_interrupted_run_records_only_if_it_wrote_shards(tmp_path, monkeypatc
     (entry,) = results.read_history(tmp_path)
     assert entry["shards"] == [0, 1, 2] and entry["completed"] == [0] and entry["interrupted"]
     assert entry["wall_time_s"] >= 0
+
+
+def test_a_resume_on_other_cpu_kernels_says_so(tmp_path, monkeypatch):
+    """Other float kernels change CW's and DeepFool's images (README, Reproducibility): a
+    run continued on them says so, and the history records each invocation's CPU."""
+    monkeypatch.setattr(pipeline, "_evaluate", lambda *args: {})
+    pipeline.run(EvalConfig(**CFG), RunOptions(out=str(tmp_path)))
+    run = results.read_run(tmp_path)
+    run["versions"]["cpu"] = "Some CPU (x86_64, torch kernels ZVECTOR)"
+    (tmp_path / "run.json").write_text(json.dumps(run))
+    lines = []
+    pipeline.run(EvalConfig(**CFG), RunOptions(out=str(tmp_path), resume=True), log=lines.append)
+    assert any("begun with torch's ZVECTOR CPU kernels" in line for line in lines)
+    assert [e["cpu"] for e in results.read_history(tmp_path)] == [cluster.versions()["cpu"]] * 2
+
+
+@pytest.mark.parametrize("spec,ids", [
+    (None, [0, 1, 2, 3, 4]), (3, [3]), ("3", [3]), ("1-3", [1, 2, 3]), ("4, 0-1,1", [0, 1, 4]),
+])
+def test_shard_takes_a_number_a_range_or_a_list(spec, ids):
+    assert RunOptions(shard=spec).resolved().shard_ids(5) == ids
+
+
+@pytest.mark.parametrize("spec,words", [
+    ("3-1", "--shard takes"), ("x", "--shard takes"), ("-2", "--shard takes"), ("", "--shard takes"),
+    ("2-7", "--shard must be in 0..4"),
+])
+def test_shard_refuses_what_is_not_shards(spec, words):
+    with pytest.raises(PdrayError, match=words):
+        RunOptions(shard=spec).resolved().shard_ids(5)
 
 
 def test_report(full_run, capsys):
