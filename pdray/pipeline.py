@@ -239,9 +239,10 @@ def run(cfg: EvalConfig, opts: RunOptions, log=_log) -> Path:
     if cluster.kernels(began_on) not in (None, cluster.kernels(versions["cpu"])):
         log(f"note: {out} was begun with torch's {cluster.kernels(began_on)} CPU kernels and "
             f"this machine runs {cluster.kernels(versions['cpu'])}; CW's and DeepFool's images "
-            f"can differ between the two, so this run's shards may not match the earlier ones' "
-            f"kernels (README, Reproducibility: ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA "
-            f"select older kernels). history.jsonl records each invocation's CPU.")
+            f"can differ between the two, so the shards written now may differ from what the "
+            f"earlier kernels would give (README, Reproducibility: ATEN_CPU_CAPABILITY and "
+            f"ONEDNN_MAX_CPU_ISA choose the kernels). history.jsonl records each invocation's "
+            f"CPU.")
     if opts.resume:
         todo = [k for k in todo if k not in results.completed_shards(out)]
     if not todo:
