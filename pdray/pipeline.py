@@ -235,10 +235,11 @@ def run(cfg: EvalConfig, opts: RunOptions, log=_log) -> Path:
     out = results.prepare_out(opts.out, cfg, shards, {n: zoo.entry(n)["sha256"] for n in names},
                               d.provenance(), {"versions": versions,
                                                "train_logp_n": len(train_logp)})
-    began_on = results.read_run(out).get("versions", {}).get("cpu", "")
-    if cluster.kernels(began_on) not in (None, cluster.kernels(versions["cpu"])):
-        log(f"note: {out} was begun with torch's {cluster.kernels(began_on)} CPU kernels and "
-            f"this machine runs {cluster.kernels(versions['cpu'])}; CW's and DeepFool's images "
+    began = cluster.kernels(results.read_run(out).get("versions", {}).get("cpu", ""))
+    here = cluster.kernels(versions["cpu"])
+    if began not in (None, here):
+        log(f"note: {out} was begun with torch's {began} CPU kernels and this machine runs "
+            f"{here}; CW's and DeepFool's images "
             f"can differ between the two, so the shards written now may differ from what the "
             f"earlier kernels would give (README, Reproducibility: ATEN_CPU_CAPABILITY and "
             f"ONEDNN_MAX_CPU_ISA choose the kernels). history.jsonl records each invocation's "
