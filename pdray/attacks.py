@@ -216,49 +216,59 @@ def cw(model, images, labels, eps_list, *, cw_steps=50,
 
 # ---- adaptive attacks: through a defense -------------------------------------------------
 
-# What an adaptive attack reads from one evaluation of the defended classifier, per image:
-# the loss, whether it is misclassified, and (when asked) the loss's gradient by the input
-# pixels, (n, H, W, C).
+# What an adaptive attack reads from one evaluation of the defended classifiers: given the
+# rows it evaluates (indices into the attack's batch, which say each row's classifier and
+# label) and their images, per row the loss, whether it is misclassified, and (when asked)
+# the loss's gradient by the input pixels, (n, H, W, C).
 Evaluate = Callable[[np.ndarray, np.ndarray, bool],
                     tuple[np.ndarray, np.ndarray, np.ndarray | None]]
 
 
-def _loss(model: nn.Module, x: torch.Tensor, defended: torch.Tensor, labels: np.ndarray,
-          grad: bool):
-    """Cross-entropy of the classifier on ``defended`` (float NCHW 0..255), whether it is
-    wrong, and the loss's gradient by ``x`` as NHWC numpy (None unless ``grad``)."""
-    model.eval()
+def _loss(models: list[nn.Module], owner: np.ndarray, x: torch.Tensor, defended: torch.Tensor,
+          labels: np.ndarray, grad: bool):
+    """Cross-entropy of each row's classifier (``models[owner]``) on ``defended`` (float
+    NCHW 0..255), whether it is wrong, and the loss's gradient by ``x`` as NHWC numpy (None
+    unless ``grad``)."""
     y = torch.tensor(labels, dtype=torch.long, device=x.device)
-    logits = model(defended.float())
-    loss = F.cross_entropy(logits, y, reduction="none")
+    loss = torch.zeros(len(y), device=x.device)
+    wrong = np.zeros(len(y), bool)
+    for k in np.unique(owner):
+        rows = np.nonzero(owner == k)[0]
+        at = torch.from_numpy(rows).to(x.device)
+        models[k].eval()
+        logits = models[k](defended[at].float())
+        loss = loss.index_put((at,), F.cross_entropy(logits, y[at], reduction="none"))
+        wrong[rows] = (logits.argmax(1) != y[at]).cpu().numpy()
     g = torch.autograd.grad(loss.sum(), x)[0].cpu().numpy().transpose(0, 2, 3, 1) if grad else None
-    return (loss.detach().double().cpu().numpy(), (logits.argmax(1) != y).cpu().numpy(), g)
+    return loss.detach().double().cpu().numpy(), wrong, g
 
 
-def _through(model: nn.Module, defend: Callable[[np.ndarray], np.ndarray]) -> Evaluate:
-    """The classifier behind ``defend``, its backward pass taken as the identity (BPDA)."""
-    def evaluate(adv, labels, grad):
-        x = to_nchw(defend(adv.astype(np.uint8)), _device(model)).float().requires_grad_(grad)
-        return _loss(model, x, x, labels, grad)
+def _through(models: list[nn.Module], owner: np.ndarray, labels: np.ndarray,
+             defend: Callable[[np.ndarray], np.ndarray]) -> Evaluate:
+    """The classifiers behind ``defend``, its backward pass taken as the identity (BPDA)."""
+    def evaluate(rows, adv, grad):
+        x = to_nchw(defend(adv.astype(np.uint8)), _device(models[0])).float().requires_grad_(grad)
+        return _loss(models, owner[rows], x, x, labels[rows], grad)
     return evaluate
 
 
-def _through_surrogate(model: nn.Module, surrogate: Callable[[torch.Tensor], torch.Tensor]
-                       ) -> Evaluate:
-    """The classifier behind ``surrogate``: the defense's output, a smooth stand-in's gradient."""
-    def evaluate(adv, labels, grad):
-        x = to_nchw(adv.astype(np.uint8), _device(model)).float().requires_grad_(grad)
+def _through_surrogate(models: list[nn.Module], owner: np.ndarray, labels: np.ndarray,
+                       surrogate: Callable[[torch.Tensor], torch.Tensor]) -> Evaluate:
+    """The classifiers behind ``surrogate``: the defense's output, a smooth stand-in's gradient."""
+    def evaluate(rows, adv, grad):
+        x = to_nchw(adv.astype(np.uint8), _device(models[0])).float().requires_grad_(grad)
         with torch.set_grad_enabled(grad):
-            return _loss(model, x, surrogate(x), labels, grad)
+            return _loss(models, owner[rows], x, surrogate(x), labels[rows], grad)
     return evaluate
 
 
-def _ascend(evaluate: Evaluate, x: np.ndarray, start: np.ndarray, labels: np.ndarray,
-            eps: int, steps: int, schedule: Schedule):
+def _ascend(evaluate: Evaluate, rows: np.ndarray, x: np.ndarray, start: np.ndarray,
+            eps: np.ndarray, steps: int, schedule: Schedule):
     """One run of sign-gradient ascent on the loss of the defended classifier, from
-    ``start`` (int64 NHWC) inside the eps ball around ``x``: per image the first iterate
-    that is misclassified, else the one with the highest loss; and whether it was
-    misclassified, and its loss. ``steps`` steps, so steps + 1 evaluations.
+    ``start`` (int64 NHWC) inside each row's eps ball (``eps``, one per row) around ``x``:
+    per row the first iterate that is misclassified, else the one with the highest loss;
+    and whether it was misclassified, and its loss. ``steps`` steps, so steps + 1
+    evaluations; ``rows`` are the rows' indices for ``evaluate``.
 
     Schedules, in whole levels (the defenses see integer pixels, so a step below one level
     is rounded away): CONSTANT is BIM's, one level per step. HALVING follows APGD (Croce &
@@ -268,19 +278,20 @@ def _ascend(evaluate: Evaluate, x: np.ndarray, start: np.ndarray, labels: np.nda
     nearby inputs to one output, so small steps early rarely change what the classifier
     sees; large steps first, then fine ones. An image that stalls at one level stops: from
     the same point the same step repeats the same path."""
-    lo, hi = np.maximum(x - eps, 0), np.minimum(x + eps, 255)
+    ball = eps[:, None, None, None]
+    lo, hi = np.maximum(x - ball, 0), np.minimum(x + ball, 255)
     n = len(x)
     adv, best, best_grad = start.copy(), start.copy(), np.zeros(x.shape)
     best_loss, checked = np.full(n, -np.inf), np.full(n, -np.inf)
     fooled, active = np.zeros(n, bool), np.ones(n, bool)
-    alpha = np.full(n, 1 if schedule is Schedule.CONSTANT else max(1, eps // 4))
+    alpha = np.ones(n, np.int64) if schedule is Schedule.CONSTANT else np.maximum(1, eps // 4)
     grad = np.zeros(x.shape)
     check_every = max(1, steps // 10)
     for t in range(steps + 1):
         idx = np.nonzero(active)[0]
         if not len(idx):
             break
-        loss, wrong, g = evaluate(adv[idx], labels[idx], t < steps)
+        loss, wrong, g = evaluate(rows[idx], adv[idx], t < steps)
         better = wrong | (loss > best_loss[idx])
         best[idx[better]], best_loss[idx[better]] = adv[idx[better]], loss[better]
         if g is not None:
@@ -303,22 +314,28 @@ def _ascend(evaluate: Evaluate, x: np.ndarray, start: np.ndarray, labels: np.nda
     return best, fooled, best_loss
 
 
-def _restarts(evaluate: Evaluate, images: np.ndarray, labels: np.ndarray, eps: int, steps: int,
-              restarts: int, schedule: Schedule, seed: int, image_ids) -> np.ndarray:
-    """The per-image worst case over ``restarts`` runs of ``_ascend``: the first run from
-    the clean image (plain BPDA), the others from uniform points of the eps ball (seeded per
-    image, as RAND is). An image keeps the first run whose defended image is misclassified,
-    else the run with the highest loss; once fooled it is not attacked again."""
+def _restarts(evaluate: Evaluate, images: np.ndarray, eps: np.ndarray, steps: int,
+              restarts: int, schedule: Schedule, seed: int, image_ids: np.ndarray) -> np.ndarray:
+    """The per-row worst case over ``restarts`` runs of ``_ascend`` (row r: ``images[r]``
+    in its ball ``eps[r]``): the first run from the clean image (plain BPDA), the others
+    from uniform points of the eps ball, seeded by (seed, image id, eps, restart) as RAND
+    is. A row keeps the first run whose defended image is misclassified, else the run with
+    the highest loss; once fooled it is not attacked again."""
     x = images.astype(np.int64)
-    lo, hi = np.maximum(x - eps, 0), np.minimum(x + eps, 255)
+    ball = eps[:, None, None, None]
+    lo, hi = np.maximum(x - ball, 0), np.minimum(x + ball, 255)
     out, loss, fooled = x.copy(), np.full(len(x), -np.inf), np.zeros(len(x), bool)
     for r in range(restarts):
         todo = np.nonzero(~fooled)[0]
         if not len(todo):
             break
-        start = x if r == 0 else np.clip(x + _uniform_noise(x.shape, eps, seed, image_ids, r),
-                                         lo, hi)
-        adv, wrong, adv_loss = _ascend(evaluate, x[todo], start[todo], labels[todo], eps, steps,
+        start = x.copy()
+        if r:
+            for e in np.unique(eps):
+                sel = np.nonzero(eps == e)[0]
+                start[sel] = np.clip(x[sel] + _uniform_noise(x[sel].shape, int(e), seed,
+                                                             image_ids[sel], r), lo[sel], hi[sel])
+        adv, wrong, adv_loss = _ascend(evaluate, todo, x[todo], start[todo], eps[todo], steps,
                                        schedule)
         keep = wrong | (adv_loss > loss[todo])
         out[todo[keep]], loss[todo[keep]] = adv[keep], adv_loss[keep]
@@ -326,14 +343,48 @@ def _restarts(evaluate: Evaluate, images: np.ndarray, labels: np.ndarray, eps: i
     return out.astype(np.uint8)
 
 
-def _adaptive(evaluate: Evaluate, images, labels, eps_list, steps: int, restarts: int,
-              schedule, seed: int, image_ids) -> list[np.ndarray]:
-    schedule = parse_choice(Schedule, schedule, "BPDA schedule")
-    if steps < 1 or restarts < 1:
-        raise PdrayError(f"bpda_steps and bpda_restarts must be at least 1; got {steps} and "
-                         f"{restarts}.")
-    return [_restarts(evaluate, images, labels, eps, steps, restarts, schedule, seed, image_ids)
-            for eps in eps_list]
+def through_defense(name: str | Attack, models: list[nn.Module], images: np.ndarray,
+                    labels: np.ndarray, eps_list: list[int], *,
+                    defend: Callable[[np.ndarray], np.ndarray] | None = None,
+                    surrogate: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                    bpda_steps: int = _EVAL["bpda_steps"],
+                    bpda_restarts: int = _EVAL["bpda_restarts"],
+                    bpda_schedule: str = _EVAL["bpda_schedule"], seed: int = 0,
+                    image_ids=None) -> list[list[np.ndarray]]:
+    """An adaptive attack (``bpda`` or ``bpda-soft``) on every classifier of ``models`` at
+    every eps_attack of ``eps_list`` at once: result[model][eps], uint8 NHWC. Each
+    (classifier, eps_attack, image) is its own row of one batch, so every step runs the
+    defense once for all of them: the purifier's per-pixel steps cost about as much for
+    one image as for dozens, and this is where the adaptive attacks spend their time.
+    A row's result is what attacking that classifier alone at that eps_attack gives, up
+    to the float noise of the batch it is in."""
+    name = parse_attack(name)
+    schedule = parse_choice(Schedule, bpda_schedule, "BPDA schedule")
+    if bpda_steps < 1 or bpda_restarts < 1:
+        raise PdrayError(f"bpda_steps and bpda_restarts must be at least 1; got {bpda_steps} "
+                         f"and {bpda_restarts}.")
+    if name is Attack.BPDA and defend is None:
+        raise PdrayError("The bpda attack needs a defense to attack through; run it in the "
+                         "evaluation pipeline (pdray eval --attacks bpda).")
+    if name is Attack.BPDA_SOFT and surrogate is None:
+        raise PdrayError("The bpda-soft attack needs a defense's surrogate to attack through; "
+                         "run it in the evaluation pipeline (pdray eval --attacks bpda-soft).")
+    eps_list = [check_eps(e) for e in eps_list]
+    check_images(images)
+    todo = sorted({e for e in eps_list if e > 0})
+    n, k, m = len(images), len(todo), len(models)
+    if not (n and k):
+        return [[images.copy() for _ in eps_list] for _ in models]
+    ids = np.arange(n) if image_ids is None else np.asarray(image_ids)
+    owner = np.repeat(np.arange(m), k * n)  # rows: classifier, then eps_attack, then image
+    rows_labels = np.tile(np.asarray(labels), k * m)
+    evaluate = _through(models, owner, rows_labels, defend) if name is Attack.BPDA else \
+        _through_surrogate(models, owner, rows_labels, surrogate)
+    out = _restarts(evaluate, np.tile(images, (k * m, 1, 1, 1)),
+                    np.tile(np.repeat(np.asarray(todo, np.int64), n), m), bpda_steps,
+                    bpda_restarts, schedule, seed, np.tile(ids, k * m)).reshape(m, k, *images.shape)
+    return [[out[i, todo.index(e)] if e > 0 else images.copy() for e in eps_list]
+            for i in range(m)]
 
 
 def bpda(model, images, labels, eps_list, *, defend: Callable[[np.ndarray], np.ndarray] | None = None,
@@ -347,12 +398,10 @@ def bpda(model, images, labels, eps_list, *, defend: Callable[[np.ndarray], np.n
     (``_restarts``). An image stops moving once its defended version is misclassified, so
     it is not purified again. PixelDefend and feature squeezing are deterministic, so one
     sample per step is exact and EOT (averaging gradients over the defense's randomness)
-    has nothing to average."""
-    if defend is None:
-        raise PdrayError("The bpda attack needs a defense to attack through; run it in the "
-                         "evaluation pipeline (pdray eval --attacks bpda).")
-    return _adaptive(_through(model, defend), images, labels, eps_list, bpda_steps,
-                     bpda_restarts, bpda_schedule, seed, image_ids)
+    has nothing to average. ``through_defense`` attacks several classifiers at once."""
+    return through_defense(Attack.BPDA, [model], images, labels, eps_list, defend=defend,
+                           bpda_steps=bpda_steps, bpda_restarts=bpda_restarts,
+                           bpda_schedule=bpda_schedule, seed=seed, image_ids=image_ids)[0]
 
 
 def bpda_soft(model, images, labels, eps_list, *,
@@ -364,11 +413,10 @@ def bpda_soft(model, images, labels, eps_list, *,
     gradient taken through ``surrogate`` (float NCHW -> float NCHW, forward the exact
     defense; ``pdray.purify.surrogate``) instead of the identity. For PixelDefend that is
     the gradient of soft Algorithm 1 through the PixelCNN's context."""
-    if surrogate is None:
-        raise PdrayError("The bpda-soft attack needs a defense's surrogate to attack through; "
-                         "run it in the evaluation pipeline (pdray eval --attacks bpda-soft).")
-    return _adaptive(_through_surrogate(model, surrogate), images, labels, eps_list, bpda_steps,
-                     bpda_restarts, bpda_schedule, seed, image_ids)
+    return through_defense(Attack.BPDA_SOFT, [model], images, labels, eps_list,
+                           surrogate=surrogate, bpda_steps=bpda_steps,
+                           bpda_restarts=bpda_restarts, bpda_schedule=bpda_schedule, seed=seed,
+                           image_ids=image_ids)[0]
 
 
 ATTACKS = {Attack.RAND: rand, Attack.FGSM: fgsm, Attack.BIM: bim, Attack.DEEPFOOL: deepfool,

@@ -10,6 +10,10 @@ runs of both on ``agreement_images`` images.
 same classifier and images, in process CPU time, and how far their images differ.
 
 ``pipeline``: the Ray pipeline against the bare stage loop on the same workload.
+
+``adaptive``: an adaptive attack on every shipped classifier of a dataset at every
+eps_attack in one batch (``attacks.through_defense``, as the pipeline runs it) against one
+call per classifier and eps_attack, in process CPU time, and whether their images agree.
 """
 
 from __future__ import annotations
@@ -23,9 +27,10 @@ import torch
 
 from pdray import data, purify, zoo
 from pdray.cluster import init_ray, torch_device
-from pdray.config import (GPU_PURIFY_BATCH, EvalConfig, RunOptions, defaults, eps_defend_for,
+from pdray.config import (GPU_PURIFY_BATCH, THROUGH_DEFENSE, Attack, Defense, EvalConfig,
+                          RunOptions, defaults, eps_attack_for, eps_defend_for, parse_attack,
                           parse_dataset, pixelcnn_name)
-from pdray.errors import PdrayError
+from pdray.errors import PdrayError, parse_choice
 from pdray.monitor import PeakMemory, peak_rss_mb
 from pdray.pixelcnn import bits_per_dim
 from pdray.pixels import to_nchw, to_nhwc
@@ -209,6 +214,53 @@ def bench_deepfool(classifier: str, n_images: int = 20, steps: int | None = None
             "found_agreement": _mean(ref_found == found), "found": int(found.sum())}
 
 
+def bench_adaptive(dataset: str, attack: str = "bpda-soft", n_images: int = 4,
+                   steps: int = 2, defense: str = "pixeldefend", data_dir=None) -> dict:
+    """CPU seconds of this process on one torch thread (as one purifier actor runs), so
+    that other work on the machine does not tilt the ratio. The defense is the shipped
+    PixelCNN's at the paper's eps_defend; both sides make the same images."""
+    from pdray import attacks
+
+    ds = parse_dataset(dataset)
+    if parse_attack(attack).value not in THROUGH_DEFENSE:
+        raise PdrayError(f"bench adaptive times {' and '.join(THROUGH_DEFENSE)}; got {attack}.")
+    if n_images < 1 or steps < 1:
+        raise PdrayError("n-images and steps must be at least 1.")
+    d = data.load(ds, data_dir)
+    names = [e["name"] for e in zoo.manifest()
+             if e["kind"] == "classifier" and e["dataset"] == ds.value]
+    models = [zoo.load(n)[0] for n in names]
+    pixelcnn = zoo.load(pixelcnn_name(ds))[0]
+    images, labels = d.test.images[:n_images], d.test.labels[:n_images]
+    eps_list, eps_defend = eps_attack_for(ds, None), eps_defend_for(ds, None)
+    defense = parse_choice(Defense, defense, "defense").value
+    threshold = zoo.adaptive_threshold(pixelcnn_name(ds))["bpd"] \
+        if defense == Defense.ADAPTIVE.value else None
+    aim = {"defend": purify.defender(pixelcnn, defense, eps_defend, threshold=threshold,
+                                     batch_size=len(models) * len(eps_list) * n_images)} \
+        if parse_attack(attack) is Attack.BPDA else \
+        {"surrogate": purify.surrogate(pixelcnn, defense, eps_defend, threshold=threshold)}
+    options = dict(bpda_steps=steps, image_ids=np.arange(n_images), **aim)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        apart, apart_s = _timed(lambda: [[attacks.through_defense(attack, [m], images, labels,
+                                                                  [e], **options)[0][0]
+                                          for e in eps_list] for m in models],
+                                clock=time.process_time)
+        together, together_s = _timed(lambda: attacks.through_defense(
+            attack, models, images, labels, eps_list, **options), clock=time.process_time)
+    finally:
+        torch.set_num_threads(threads)
+    same = np.concatenate([(a == b).reshape(n_images, -1).all(1)
+                           for x, y in zip(apart, together) for a, b in zip(x, y)])
+    return {"dataset": ds.value, "attack": attack, "defense": defense, "classifiers": names,
+            "eps_attack": eps_list, "images": n_images, "steps": steps,
+            "rows_per_batch": len(models) * len(eps_list) * n_images,
+            "apart_cpu_s": round(apart_s, 2), "together_cpu_s": round(together_s, 2),
+            "speedup": round(apart_s / together_s, 2), "identical_images": _mean(same)}
+
+
 def _mean(agree: np.ndarray) -> float | None:
     """The fraction of sub-pixels that agree; None when none were compared."""
     return float(agree.mean()) if agree.size else None
@@ -240,9 +292,7 @@ def bench_pipeline(dataset: str = "fmnist", n_images: int = 512, shards: int = 1
         purifier = pipeline.PurifierStage(asdict_cfg)
         rows = 0
         for k in range(len(shards_ids)):
-            batch = attack({"shard": np.array([k])})
-            for i in range(0, len(batch["shard"]), cfg.purify_batch):
-                rows += len(purifier({c: v[i:i + cfg.purify_batch] for c, v in batch.items()})["shard"])
+            rows += len(purifier(attack({"shard": np.array([k])}))["shard"])
         return rows
 
     asdict_cfg = asdict(cfg)

@@ -17,7 +17,7 @@ import typer
 from pdray.config import (DEFENSES, DETECT_IMAGES, EPS_ATTACK, EPS_DEFEND, GPU_PURIFY_BATCH,
                           LBFGSB_MAXITER, METRIC_IMAGES, PAPER_ATTACKS, PROBE_ATTACKS,
                           PROBE_EPS_ATTACK, THROUGH_DEFENSE, VALIDATION_IMAGES, Arch, Attack,
-                          ClassifierConfig, Dataset, Device, EvalConfig, Images, Method,
+                          ClassifierConfig, Dataset, Defense, Device, EvalConfig, Images, Method,
                           PixelCNNConfig, Purifier, Recipe, RunOptions, Scaling, Schedule,
                           choices, defaults)
 from pdray.errors import PdrayError, parse_choice
@@ -214,6 +214,22 @@ def bench_deepfool(classifier: str = typer.Option(..., "--classifier"),
     from pdray import bench
 
     emit(bench.bench_deepfool(classifier, n_images, steps, data_dir), as_json)
+
+
+@bench_app.command("adaptive")
+def bench_adaptive(dataset: str = typer.Option(..., "--dataset", help=choices(Dataset)),
+                   attack: str = typer.Option("bpda-soft", "--attack",
+                                              help=" or ".join(THROUGH_DEFENSE)),
+                   n_images: int = typer.Option(4, "--n-images"),
+                   steps: int = typer.Option(2, "--steps"),
+                   defense: str = typer.Option("pixeldefend", "--defense", help=choices(Defense)),
+                   data_dir: Optional[Path] = DataDir,
+                   as_json: bool = AsJson):
+    """An adaptive attack on every shipped classifier and eps_attack in one batch, against
+    one call per classifier and eps_attack, on the same test images."""
+    from pdray import bench
+
+    emit(bench.bench_adaptive(dataset, attack, n_images, steps, defense, data_dir), as_json)
 
 
 @app.command("adaptive-threshold")

@@ -106,6 +106,9 @@ class PurifierStage:
 
     def __call__(self, batch: dict) -> dict:
         cfg = self.cfg
+        if len(set(batch["shard"].tolist())) != 1:
+            raise PdrayError(f"a purifier call got rows of shards {sorted(set(batch['shard']))}; "
+                             f"it takes one shard, so that a shard's rows depend on it alone.")
         batch = {**batch, "target": np.full(len(batch["image"]), "", dtype=object)}
         if set(THROUGH_DEFENSE) & set(cfg.attacks):
             batch = self._with_adaptive(batch)
@@ -173,7 +176,8 @@ class PurifierStage:
         classifier, defense and eps_attack, the images made against that defense (its
         ``target``), which become that defense's rows only. Each defense's row then holds
         an attack aimed at it, as the per-image worst case over a row's attacks needs. They
-        run here, beside the PixelCNN (and its GPU)."""
+        run here, beside the PixelCNN (and its GPU), each (attack, defense) once for every
+        classifier and eps_attack together (``attacks.through_defense``)."""
         cfg = self.cfg
         clean = np.nonzero(batch["attack"] == "clean")[0]
         if not len(clean):
@@ -184,12 +188,12 @@ class PurifierStage:
         parts, n = [batch], len(clean)
         for attack in [a for a in cfg.attacks if a in THROUGH_DEFENSE]:
             for d in cfg.defenses:
-                through = self._through(attack, d)
-                for name, model in self.models.items():
-                    t = time.perf_counter()
-                    advs = attacks.attack_many(attack, model, images, labels, cfg.eps_attack,
-                                               **through, **options)
-                    seconds = (time.perf_counter() - t) / len(cfg.eps_attack) / n
+                t = time.perf_counter()
+                made = attacks.through_defense(attack, list(self.models.values()), images,
+                                               labels, cfg.eps_attack,
+                                               **self._through(attack, d), **options)
+                seconds = (time.perf_counter() - t) / len(cfg.eps_attack) / n / len(self.models)
+                for name, advs in zip(self.models, made):
                     for eps, adv in zip(cfg.eps_attack, advs):
                         parts.append({
                             "shard": batch["shard"][clean], "image_id": ids,
@@ -289,10 +293,6 @@ def _evaluate(cfg: EvalConfig, opts: RunOptions, shards: list[list[int]], todo: 
     # fail the run. Ray retries a dead actor; the variable still sets a bound if asked for.
     if "RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S" not in os.environ:
         ctx.execution_no_progress_timeout_s = -1
-    # PixelDefend's float32 argmax can depend on which images share a purifier batch, and
-    # shards smaller than a batch share one in the order their attacks finish: keep shard
-    # order, so the same command always batches the same rows together.
-    ctx.execution_options.preserve_order = True
     per_image = cfg.rows_per_image()
     expected = {k: len(shards[k]) * per_image for k in todo}
     log(f"evaluating {sum(len(shards[k]) for k in todo)} images in {len(todo)} shard(s): "
@@ -304,7 +304,11 @@ def _evaluate(cfg: EvalConfig, opts: RunOptions, shards: list[list[int]], todo: 
                        fn_constructor_kwargs={"cfg": asdict(cfg), "shards": shards,
                                               "data_dir": opts.data_dir},
                        compute=ActorPoolStrategy(size=opts.num_attackers))
-          .map_batches(PurifierStage, batch_size=cfg.purify_batch,
+          # One call per shard (the attack stage's block for it): PixelDefend's float32
+          # argmax can depend on which images share a batch, so a shard's rows must not
+          # depend on which shards run beside it (--shard, --resume). It also keeps an
+          # adaptive attack's call, hours long on a CPU, to one shard.
+          .map_batches(PurifierStage, batch_size=None,
                        num_cpus=opts.purifier_cpus, num_gpus=1 if gpus else 0,
                        fn_constructor_kwargs={"cfg": asdict(cfg)},
                        compute=purifiers))

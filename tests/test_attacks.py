@@ -31,9 +31,9 @@ def test_attack_invariants(name, eps_attack, samples, request):
         assert np.all((np.abs(delta) == eps_attack) | clipped)
 
 
-def fitted_classifier(images, labels):
+def fitted_classifier(images, labels, seed: int = 0):
     """The tiny model trained to fit the 20 sample images."""
-    model = tiny_classifier(1).train()
+    model = tiny_classifier(1, seed).train()
     opt = torch.optim.Adam(model.parameters(), 1e-2)
     x = torch.from_numpy(images.transpose(0, 3, 1, 2)).float()
     y = torch.from_numpy(labels)
@@ -200,6 +200,29 @@ def test_restarts_keep_each_images_worst_case(schedule):
                            bpda_restarts=restarts, **identity)
     assert np.array_equal(worst, np.stack([starts[r][i] for i, r in enumerate(highest)]))
     assert (highest > 0).any()
+
+
+@pytest.mark.parametrize("name", ["bpda", "bpda-soft"])
+def test_several_classifiers_and_eps_at_once_give_each_ones_own_attack(name, fitted,
+                                                                       fmnist_samples):
+    """``through_defense`` batches every (classifier, eps_attack, image) so the defense runs
+    once a step for all; each row's result is what attacking that classifier alone at that
+    eps_attack gives (the same images here: the batch's float noise moves no sign), and
+    eps_attack 0 leaves the images as they are."""
+    images, labels = fmnist_samples
+    images, labels = images[:6], labels[:6]
+    models = [fitted, fitted_classifier(*fmnist_samples, seed=1)]
+    aim = dict(defend=purify.feature_squeeze) if name == "bpda" else \
+        dict(surrogate=purify.surrogate(None, "squeeze", 0))
+    options = dict(bpda_steps=4, bpda_restarts=2, seed=3, image_ids=np.arange(10, 16), **aim)
+    together = attacks.through_defense(name, models, images, labels, [4, 0, 12], **options)
+    for model, got in zip(models, together):
+        alone = attacks.attack_many(name, model, images, labels, [4, 0, 12], **options)
+        for a, b in zip(got, alone):
+            assert np.array_equal(a, b)
+        assert np.array_equal(got[1], images)
+        assert np.abs(got[2].astype(int) - images).max() > 4  # the larger ball is used
+    assert not np.array_equal(together[0][2], together[1][2])  # each its own classifier
 
 
 def test_bpda_soft_breaks_pixeldefend_through_its_surrogate(fmnist_samples):

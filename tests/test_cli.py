@@ -99,6 +99,7 @@ DATA_DIR_COMMANDS = {  # every command that takes --data-dir, with its other opt
     "bench purify": ["--dataset", "fmnist"],
     "bench deepfool": ["--classifier", "fmnist-resnet-normal"],
     "bench pipeline": [],
+    "bench adaptive": ["--dataset", "fmnist"],
     "train classifier": ["--runs-dir", "{tmp}/runs"],
     "train pixelcnn": ["--runs-dir", "{tmp}/runs"],
 }
@@ -264,6 +265,15 @@ def test_detect_prints_the_claim_1_summary():
     assert {"attack", "eps_attack", "n_images", "auc", "mean_pvalue_clean",
             "mean_pvalue_attacked", "ks_pvalue_clean"} <= set(r)
     assert r["attack"] == "fgsm" and r["n_images"] == 16 and 0 <= r["auc"] <= 1
+
+
+def test_bench_adaptive_times_both_ways_and_they_agree():
+    r = json.loads(pdray("bench", "adaptive", "--dataset", "fmnist", "--attack", "bpda",
+                         "--n-images", "1", "--steps", "1", "--json").stdout)
+    assert r["rows_per_batch"] == len(r["classifiers"]) * 2 >= 2
+    assert r["identical_images"] == 1.0 and r["apart_cpu_s"] > 0 and r["together_cpu_s"] > 0
+    assert_clean_error(pdray("bench", "adaptive", "--dataset", "fmnist", "--attack", "fgsm",
+                             check=False), "bench adaptive times bpda and bpda-soft")
 
 
 def test_bench_purify_reports_every_field():

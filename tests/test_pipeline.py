@@ -327,13 +327,13 @@ def test_each_defense_row_holds_the_images_made_against_it(monkeypatch):
     from pdray import attacks, purify
     from pdray.pixelcnn import bits_per_dim
 
-    def aimed(name, model, images, labels, eps_list, defend=None, surrogate=None, **options):
+    def aimed(name, models, images, labels, eps_list, defend=None, surrogate=None, **options):
         if surrogate is None:
-            return [defend(images)]
+            return [[defend(images)] for _ in models]
         x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).float()
-        return [surrogate(x).numpy().transpose(0, 2, 3, 1).astype(np.uint8)]
+        return [[surrogate(x).numpy().transpose(0, 2, 3, 1).astype(np.uint8)] for _ in models]
 
-    monkeypatch.setattr(attacks, "attack_many", aimed)
+    monkeypatch.setattr(attacks, "through_defense", aimed)
     cfg = pipeline.resolve(EvalConfig(**{**CFG, "attacks": ["bpda", "bpda-soft"],
                                          "eps_attack": [8]}))
     batch = pipeline.AttackStage(asdict(cfg), [[0, 1]], None)({"shard": np.array([0])})
