@@ -106,9 +106,6 @@ class PurifierStage:
 
     def __call__(self, batch: dict) -> dict:
         cfg = self.cfg
-        if len(set(batch["shard"].tolist())) != 1:
-            raise PdrayError(f"a purifier call got rows of shards {sorted(set(batch['shard']))}; "
-                             f"it takes one shard, so that a shard's rows depend on it alone.")
         batch = {**batch, "target": np.full(len(batch["image"]), "", dtype=object)}
         if set(THROUGH_DEFENSE) & set(cfg.attacks):
             batch = self._with_adaptive(batch)
@@ -293,6 +290,8 @@ def _evaluate(cfg: EvalConfig, opts: RunOptions, shards: list[list[int]], todo: 
     # fail the run. Ray retries a dead actor; the variable still sets a bound if asked for.
     if "RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S" not in os.environ:
         ctx.execution_no_progress_timeout_s = -1
+    if gpus:  # Ray Data needs a fixed batch size on GPUs: keep the order batches form in
+        ctx.execution_options.preserve_order = True
     per_image = cfg.rows_per_image()
     expected = {k: len(shards[k]) * per_image for k in todo}
     log(f"evaluating {sum(len(shards[k]) for k in todo)} images in {len(todo)} shard(s): "
@@ -304,11 +303,12 @@ def _evaluate(cfg: EvalConfig, opts: RunOptions, shards: list[list[int]], todo: 
                        fn_constructor_kwargs={"cfg": asdict(cfg), "shards": shards,
                                               "data_dir": opts.data_dir},
                        compute=ActorPoolStrategy(size=opts.num_attackers))
-          # One call per shard (the attack stage's block for it): PixelDefend's float32
-          # argmax can depend on which images share a batch, so a shard's rows must not
-          # depend on which shards run beside it (--shard, --resume). It also keeps an
-          # adaptive attack's call, hours long on a CPU, to one shard.
-          .map_batches(PurifierStage, batch_size=None,
+          # On CPUs one call per shard (the attack stage's block for it): PixelDefend's
+          # float32 argmax can depend on which images share a batch, so a shard's rows must
+          # not depend on which shards run beside it (--shard, --resume), and an adaptive
+          # attack's call, hours long on a CPU, stays within one shard. Ray Data refuses
+          # batch_size=None with GPUs; there a batch is purify_batch rows, as it forms.
+          .map_batches(PurifierStage, batch_size=cfg.purify_batch if gpus else None,
                        num_cpus=opts.purifier_cpus, num_gpus=1 if gpus else 0,
                        fn_constructor_kwargs={"cfg": asdict(cfg)},
                        compute=purifiers))
