@@ -198,7 +198,7 @@ class EvalConfig:
     bpda_restarts: int = 1                   # the first from the clean image, the rest random
     bpda_schedule: str = Schedule.HALVING.value
     bpda_tau: float = 1.0                    # bpda-soft's temperature: the model's own conditional
-    purify_batch: int = 64                   # images per PixelCNN batch; a purifier call takes a shard
+    purify_batch: int = 64                   # images per PixelCNN batch (and per call on GPUs)
 
     def resolved(self) -> EvalConfig:
         """Defaults filled in, choices checked. The models' names are checked against the

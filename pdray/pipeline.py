@@ -290,8 +290,8 @@ def _evaluate(cfg: EvalConfig, opts: RunOptions, shards: list[list[int]], todo: 
     # fail the run. Ray retries a dead actor; the variable still sets a bound if asked for.
     if "RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S" not in os.environ:
         ctx.execution_no_progress_timeout_s = -1
-    if gpus:  # Ray Data needs a fixed batch size on GPUs: keep the order batches form in
-        ctx.execution_options.preserve_order = True
+    if gpus:  # a GPU batch is purify_batch rows and may span shards: keep shard order, so
+        ctx.execution_options.preserve_order = True  # the same command batches alike
     per_image = cfg.rows_per_image()
     expected = {k: len(shards[k]) * per_image for k in todo}
     log(f"evaluating {sum(len(shards[k]) for k in todo)} images in {len(todo)} shard(s): "
