@@ -404,6 +404,21 @@ def report_cmd(out: Path = typer.Argument(..., help="A results folder from `pdra
     print(f"report: {out / 'report' / 'report.md'}", file=sys.stderr)
 
 
+@app.command("rethreshold")
+def rethreshold_cmd(out: Path = typer.Argument(..., help="A results folder from `pdray eval`."),
+                    threshold: Optional[float] = typer.Option(
+                        None, "--adaptive-threshold",
+                        help="Bits/dim; default: the one chosen for the run's PixelCNN."),
+                    as_json: bool = AsJson):
+    """Give a finished run's adaptive PixelDefend rows another threshold (after
+    `pdray adaptive-threshold` chose a new one) without purifying again."""
+    from pdray import results, zoo
+
+    if threshold is None:
+        threshold = zoo.adaptive_threshold(results.read_run(out)["config"]["pixelcnn"])["bpd"]
+    emit(results.rethreshold(out, threshold), as_json)
+
+
 @bench_app.command("pipeline")
 def bench_pipeline(dataset: str = typer.Option(EVAL["dataset"], "--dataset"),
                    n_images: int = typer.Option(512, "--n-images"),

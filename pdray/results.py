@@ -14,16 +14,19 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from dataclasses import asdict, fields
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pdray.config import EvalConfig
+from pdray.config import THROUGH_DEFENSE, Defense, EvalConfig
 from pdray.errors import PdrayError
 from pdray.files import atomic_write
+from pdray.purify import adaptive_eps
 
 # One row per (image, classifier, attack, eps_attack, defense).
 SCHEMA = pa.schema([
@@ -77,6 +80,66 @@ def load_results(out: Path) -> tuple[pd.DataFrame, dict]:
     if not parts:
         raise PdrayError(f"{out} has no completed shards yet; run the evaluation first.")
     return pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True), run
+
+
+def rethreshold(out: Path, threshold: float) -> dict:
+    """Give a run's adaptive PixelDefend rows another bits/dim threshold without purifying
+    again. Adaptive PixelDefend shows the classifier the input below the threshold and
+    PixelDefend's purified image at or above it (``purify.defend``), so its rows follow
+    from the run's undefended and PixelDefend rows. Not so where BPDA was aimed at it: the
+    attack itself depends on the threshold, and such a run must be made again. Running it
+    twice gives the same rows, so an interrupted call is finished by calling it again."""
+    out = Path(out)
+    run = read_run(out)
+    cfg = run["config"]
+    needed = {Defense.NONE.value, Defense.PIXELDEFEND.value, Defense.ADAPTIVE.value}
+    if not needed <= set(cfg["defenses"]):
+        raise PdrayError(f"{out} was not run with the defenses none, pixeldefend and adaptive, "
+                         f"from which adaptive PixelDefend's rows follow; run it again with "
+                         f"--adaptive-threshold {threshold}.")
+    aimed = sorted(set(cfg["attacks"]) & set(THROUGH_DEFENSE))
+    if aimed:
+        raise PdrayError(f"{out} holds {', '.join(aimed)} images aimed at adaptive PixelDefend, "
+                         f"which depend on its threshold; run it again with "
+                         f"--adaptive-threshold {threshold} (and a new --out).")
+    shards = sorted(completed_shards(out))
+    if not shards:
+        raise PdrayError(f"{out} has no completed shards yet; run the evaluation first.")
+    start, switched = time.perf_counter(), 0
+    for k in shards:
+        rows = pd.read_parquet(shard_dir(out, k) / "part-0.parquet")
+        new = _rethreshold_rows(rows, threshold)
+        switched += int((new.eps_defend != rows.eps_defend).sum())
+        write_shard(out, k, new)
+    before = cfg.get("adaptive_threshold")
+    run["config"]["adaptive_threshold"] = float(threshold)
+    atomic_write(out / "run.json", lambda tmp: tmp.write_text(json.dumps(run, indent=2) + "\n"))
+    summary = {"out": str(out), "threshold_before": before, "threshold": float(threshold),
+               "shards": len(shards), "adaptive_rows_switched": switched}
+    record_history(out, {"command": command(), "shards": shards,
+                         "wall_time_s": time.perf_counter() - start, "rethreshold": summary})
+    return summary
+
+
+def _rethreshold_rows(rows: pd.DataFrame, threshold: float) -> pd.DataFrame:
+    """Each adaptive row becomes the undefended row (below the threshold) or the PixelDefend
+    row (at or above it) of the same image, classifier, attack and eps_attack."""
+    key = ["image_id", "classifier", "attack", "eps_attack"]
+    taken = ["eps_defend", "pred", "correct", "bpd_defended", "image_defended"]
+    adaptive = (rows.defense == Defense.ADAPTIVE.value).to_numpy()
+    a = rows[adaptive]
+    kept = adaptive_eps(a.bpd_input.to_numpy(), threshold, 1) == 0
+    source = pd.DataFrame({**{c: a[c].to_numpy() for c in key},
+                           "defense": np.where(kept, Defense.NONE.value, Defense.PIXELDEFEND.value)})
+    picked = source.merge(rows[key + ["defense"] + taken], on=key + ["defense"], how="left",
+                          validate="one_to_one")
+    if picked.pred.isna().any():
+        raise PdrayError("Some adaptive rows have no undefended or PixelDefend row beside them; "
+                         "the results folder is incomplete.")
+    new = rows.copy()
+    for c in taken:
+        new.loc[adaptive, c] = picked[c].to_numpy()
+    return new
 
 
 # ---- run.json ------------------------------------------------------------------------------

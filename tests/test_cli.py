@@ -291,3 +291,8 @@ def test_bench_purify_reports_every_field():
     # not Algorithm 1.
     assert not art or (r["art_s"] > 0 and r["bpd_art"] > 0 and r["art_agreement_with_one_pass"]
                        == 1.0 and r["art_agreement_with_reference"] < 1)
+
+
+def test_rethreshold_of_what_is_not_a_results_folder_is_a_clear_error(tmp_path):
+    assert_clean_error(pdray("rethreshold", str(tmp_path), check=False),
+                       "not a pdray results folder")

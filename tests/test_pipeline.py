@@ -262,6 +262,52 @@ def test_adaptive_alone_purifies_only_what_it_needs_and_agrees():
     assert (rows[1].eps_defend == 0).any() and (rows[1].eps_defend > 0).any()
 
 
+def test_rethreshold_gives_the_rows_a_run_at_that_threshold_gives(tmp_path):
+    """Adaptive PixelDefend's rows follow from the undefended and PixelDefend rows: moving a
+    run to another threshold gives exactly what running it at that threshold gives."""
+    from dataclasses import asdict
+
+    import numpy as np
+
+    shards = [[0, 1, 2]]
+    plain = pipeline.resolve(EvalConfig(**{**CFG, "defenses": ["none"]}))
+    batch = pipeline.AttackStage(asdict(plain), shards, None)({"shard": np.array([0])})
+    bpd = pd.DataFrame(pipeline.PurifierStage(asdict(plain))(batch)).bpd_input
+    made = {}
+    for t in (float(bpd.max()) + 1, float(bpd.median())):  # nothing purified; half purified
+        cfg = pipeline.resolve(EvalConfig(**{**CFG, "adaptive_threshold": t}))
+        made[t] = pd.DataFrame(pipeline.PurifierStage(asdict(cfg))(batch))
+    before, after = made
+    out = results.prepare_out(tmp_path / "run", pipeline.resolve(
+        EvalConfig(**{**CFG, "adaptive_threshold": before})), shards, {})
+    results.write_shard(out, 0, made[before])
+    summary = results.rethreshold(out, after)
+    assert summary["adaptive_rows_switched"] == (made[after].eps_defend
+                                                 != made[before].eps_defend).sum() > 0
+    assert results.read_run(out)["config"]["adaptive_threshold"] == after
+    assert "rethreshold" in results.read_history(out)[-1]
+    direct = results.prepare_out(tmp_path / "direct", pipeline.resolve(
+        EvalConfig(**{**CFG, "adaptive_threshold": after})), shards, {})
+    results.write_shard(direct, 0, made[after])
+    pd.testing.assert_frame_equal(rows(out), rows(direct))
+    results.rethreshold(out, after)  # again: nothing moves
+    pd.testing.assert_frame_equal(rows(out), rows(direct))
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"defenses": ["none", "adaptive"]}, "defenses none, pixeldefend and adaptive"),
+    ({"attacks": ["fgsm", "bpda"]}, "bpda images aimed at adaptive PixelDefend"),
+])
+def test_rethreshold_refuses_runs_it_cannot_move(change, message, tmp_path):
+    from dataclasses import asdict
+
+    cfg = pipeline.resolve(EvalConfig(**{**CFG, **change}))
+    out = results.prepare_out(tmp_path / "run", cfg, [[0]], {})
+    with pytest.raises(PdrayError, match=message):
+        results.rethreshold(out, 3.0)
+    assert results.read_run(out)["config"] == json.loads(json.dumps(asdict(cfg)))
+
+
 def test_validation_images_are_the_held_out_tail_not_the_test_set():
     """``images="validation"`` attacks the validation images (for choosing settings), with
     their own labels; the default stays the test set."""
