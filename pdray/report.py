@@ -201,6 +201,8 @@ def report(out: str | Path) -> str:
     md = [f"# pdray report: {data_name}", "",
           f"{df.image_id.nunique()} {cfg.get('images', EvalConfig.images)} images of {data_name}; eps_attack {eps}; "
           f"eps_defend {cfg['eps_defend']}; "
+          + (f"adaptive PixelDefend's threshold {cfg['adaptive_threshold']:.3f} bits/dim; "
+             if cfg.get("adaptive_threshold") is not None else "") +
           f"PixelCNN {cfg['pixelcnn']}; classifiers {', '.join(cfg['classifiers'])}.", "",
           f"## Table 1 (accuracy %, cells are eps_attack {eps})", "", table,
           "STRONGEST is the minimum over attacks per cell, as in the paper; WORST CASE counts an "
