@@ -90,6 +90,8 @@ def rethreshold(out: Path, threshold: float) -> dict:
     attack itself depends on the threshold, and such a run must be made again. Running it
     twice gives the same rows, so an interrupted call is finished by calling it again."""
     out = Path(out)
+    if np.isnan(threshold):
+        raise PdrayError("--adaptive-threshold must be a number of bits/dim, not NaN.")
     run = read_run(out)
     cfg = run["config"]
     needed = {Defense.NONE.value, Defense.PIXELDEFEND.value, Defense.ADAPTIVE.value}

@@ -293,6 +293,8 @@ def test_bench_purify_reports_every_field():
                        == 1.0 and r["art_agreement_with_reference"] < 1)
 
 
-def test_rethreshold_of_what_is_not_a_results_folder_is_a_clear_error(tmp_path):
+def test_rethreshold_bad_input_is_a_clear_error(tmp_path):
     assert_clean_error(pdray("rethreshold", str(tmp_path), check=False),
                        "not a pdray results folder")
+    assert_clean_error(pdray("rethreshold", str(tmp_path), "--adaptive-threshold", "nan",
+                             check=False), "not NaN")
