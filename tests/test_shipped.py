@@ -11,6 +11,7 @@ from pdray import data, zoo
     ("fmnist-resnet-normal", 100, 0.05), ("fmnist-resnet-adv-fgsm", 100, 0.05),
     ("fmnist-resnet-adv-bim", 100, 0.05), ("fmnist-resnet-label-smoothing", 100, 0.05),
     ("fmnist-vgg-normal", 100, 0.05), ("cifar10-resnet-normal", 100, 0.05),
+    ("cifar10-resnet-adv-fgsm", 100, 0.05), ("cifar10-vgg-normal", 100, 0.05),
     ("fmnist-pixelcnn", 20, 0.25), ("cifar10-pixelcnn", 20, 0.25),
 ])
 def test_shipped_model_scores_as_its_manifest_says(name, n_images, tolerance, request,
