@@ -104,12 +104,10 @@ def rethreshold(out: Path, threshold: float) -> dict:
         raise PdrayError(f"{out} holds {', '.join(aimed)} images aimed at adaptive PixelDefend, "
                          f"which depend on its threshold; run it again with "
                          f"--adaptive-threshold {threshold} (and a new --out).")
-    shards = sorted(completed_shards(out))
-    if not shards:
-        raise PdrayError(f"{out} has no completed shards yet; run the evaluation first.")
     start, switched = time.perf_counter(), 0
-    for k in shards:
-        rows = pd.read_parquet(shard_dir(out, k) / "part-0.parquet")
+    df, _ = load_results(out)
+    shards = sorted(df.shard.unique().tolist())
+    for k, rows in df.groupby("shard"):
         new = _rethreshold_rows(rows, threshold)
         switched += int((new.eps_defend != rows.eps_defend).sum())
         write_shard(out, k, new)
