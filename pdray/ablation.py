@@ -43,13 +43,24 @@ def jpeg(images: np.ndarray, quality: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def model_modes(pixelcnn, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
-    """The most likely value of every sub-pixel given the pixels before it (uint8 NHWC).
-    On a purified image these are the unconstrained choices Algorithm 1 weighed, since each
-    of its decisions saw exactly the purified prefix."""
+def model_modes(pixelcnn, images: np.ndarray, batch_size: int = 32, *,
+                around: np.ndarray | None = None, eps_defend: int = 0) -> np.ndarray:
+    """The most likely value of every sub-pixel given the pixels of ``images`` before it
+    (uint8 NHWC). On a purified image these are the unconstrained choices Algorithm 1
+    weighed, since each of its decisions saw exactly the purified prefix. With ``around``,
+    the most likely within eps_defend of it: Algorithm 1's bounded choice, made with
+    ``images`` as the past instead of the purified prefix (teacher forcing)."""
     device = next(pixelcnn.parameters()).device
-    return np.concatenate([to_nhwc(pixelcnn(to_nchw(images[i:i + batch_size], device)).argmax(-1))
-                           for i in range(0, len(images), batch_size)])
+    out = []
+    for i in range(0, len(images), batch_size):
+        logits = pixelcnn(to_nchw(images[i:i + batch_size], device))  # (B, C, H, W, 256)
+        if around is not None:
+            lo, hi = purify.bounds(to_nchw(around[i:i + batch_size], device),
+                                   torch.full((len(logits),), eps_defend, device=device))
+            z = torch.arange(256, device=device)
+            logits = logits.masked_fill((z < lo[..., None]) | (z > hi[..., None]), float("-inf"))
+        out.append(to_nhwc(logits.argmax(-1)))
+    return np.concatenate(out)
 
 
 def kept(purified: np.ndarray, purified_clean: np.ndarray, x: np.ndarray, clean: np.ndarray,
@@ -100,7 +111,12 @@ def probe(pixelcnn, classifier, images: np.ndarray, labels: np.ndarray, *,
     how much of the perturbation survives (``kept``), overall and where the model decided,
     what that share and the rest of the change each do to accuracy (``split_kept``), and
     how well bits/dim tells them from the clean images (``auc_vs_clean``: a noisier or
-    blunter model may purify more and detect less). ``purifier`` lbfgsb replaces Algorithm 1
+    blunter model may purify more and detect less). Two things separate the model from the
+    greedy chain: ``accuracy_given_clean_past`` and ``accuracy_given_input_past`` make
+    every one of Algorithm 1's bounded choices at once from a fixed past (the clean image:
+    a chain that never drifts; the input: one that copies the input's past), and
+    ``context_gain`` is how far the model's modes follow the input's perturbation from its
+    past alone (per channel for colour images). ``purifier`` lbfgsb replaces Algorithm 1
     with L-BFGS-B from the input (``maxiter`` iterations): where the images it finds near
     attacked inputs are likelier than the clean images and still misclassified, the
     likelihood itself does not lead back to the clean image, whatever decodes it."""
@@ -115,6 +131,7 @@ def probe(pixelcnn, classifier, images: np.ndarray, labels: np.ndarray, *,
     clean_out = purified_of(images)  # the clean row's, and what ``kept`` compares against
     purified_clean = clean_out[0]
     bpd_clean = bits_per_dim(pixelcnn, images)
+    teacher = model_modes(pixelcnn, images)  # every sub-pixel's mode given the clean past
     for kind in inputs:
         x = images if kind == "clean" else attacks.attack(kind, classifier, images, labels, eps_attack)
         purified, bpd_after = clean_out if kind == "clean" else purified_of(x)
@@ -139,12 +156,25 @@ def probe(pixelcnn, classifier, images: np.ndarray, labels: np.ndarray, *,
             "mode_to_clean": float(np.abs(modes.astype(np.int16) - images).mean()),
         })
         if kind == "clean":
-            teacher = model_modes(pixelcnn, images).astype(np.int16)
-            rows[-1]["mode_to_clean_given_clean_past"] = float(np.abs(teacher - images).mean())
+            rows[-1]["mode_to_clean_given_clean_past"] = float(np.abs(teacher.astype(np.int16) - images).mean())
         else:
             rows[-1].update(split_kept(classifier, labels, purified, purified_clean, x, images))
             rows[-1]["kept_where_model_decided"] = kept(purified, purified_clean, x, images, free)
             rows[-1]["auc_vs_clean"] = roc(bpd_clean, bpd_before)[2]
+            # How far the model's mode follows the perturbation in its past, per level of
+            # perturbation: 0 if the past's perturbation says nothing about this sub-pixel's.
+            followed = model_modes(pixelcnn, x)
+            rows[-1]["context_gain"] = kept(followed, teacher, x, images)
+            if images.shape[-1] > 1:  # G and B also see the same pixel's decided R (and G)
+                channel = np.arange(images.shape[-1]) == np.arange(images.shape[-1])[:, None]
+                rows[-1]["context_gain_by_channel"] = [
+                    kept(followed, teacher, x, images, np.broadcast_to(c, images.shape))
+                    for c in channel]
+        # Algorithm 1's bounded choices made all at once from a fixed past: the clean image's
+        # (the chain without drift) and the input's (the chain that copies its input's past).
+        for past, z in (("clean", images), ("input", x)):
+            forced = model_modes(pixelcnn, z, around=x, eps_defend=eps_defend)
+            rows[-1][f"accuracy_given_{past}_past"] = float((predict(classifier, forced) == labels).mean())
     return rows
 
 

@@ -75,7 +75,7 @@ def one_pass(model, images: np.ndarray, eps_defend: int, batch_size: int) -> np.
     out = []
     for start in range(0, len(images), batch_size):
         x = to_nchw(images[start:start + batch_size], device)
-        lo, hi = purify._bounds(x, torch.full((len(x),), eps_defend, device=device))
+        lo, hi = purify.bounds(x, torch.full((len(x),), eps_defend, device=device))
         probs = torch.softmax(model(x), -1)
         feasible = (z >= lo[..., None]) & (z <= hi[..., None])
         out.append(to_nhwc(probs.masked_fill(~feasible, -1.0).argmax(-1)))

@@ -54,7 +54,7 @@ def feature_squeeze(images: np.ndarray, levels: int = 32) -> np.ndarray:
     return np.rint(x * 255.0).astype(np.uint8)
 
 
-def _bounds(x: torch.Tensor, eps: torch.Tensor):
+def bounds(x: torch.Tensor, eps: torch.Tensor):
     """Feasible range [max(x - eps, 0), min(x + eps, 255)] in int64: no uint8 wrap-around."""
     e = eps.view(-1, *([1] * (x.dim() - 1)))
     return (x - e).clamp(min=0), (x + e).clamp(max=255)
@@ -79,7 +79,7 @@ def reference_batch(model: PixelCNN, x: torch.Tensor, eps: torch.Tensor,
     they are and the log-likelihood covers only the decided ones."""
     b, c, h, w = x.shape
     xs = x.clone()
-    lo, hi = _bounds(x, eps)
+    lo, hi = bounds(x, eps)
     logp = torch.zeros(b, dtype=torch.float64, device=x.device)
     order = [(i, j, k) for i in range(h) for j in range(w) for k in range(c)]
     for i, j, k in order[:steps]:
@@ -98,7 +98,7 @@ def fast_batch(model: PixelCNN, x: torch.Tensor,
     network step per pixel, then the head once per channel."""
     b, c, h, w = x.shape
     xs = x.clone()
-    lo, hi = _bounds(x, eps)
+    lo, hi = bounds(x, eps)
     logp = torch.zeros(b, dtype=torch.float64, device=x.device)
     decoder = model.decoder(b, w, x.device)
     for i in range(h):
@@ -256,7 +256,7 @@ def soft_batch(model: PixelCNN, x: torch.Tensor, eps: torch.Tensor, tau: float) 
     sub-pixel is the mean of the model's conditional restricted to the ball."""
     b, c, h, w = x.shape
     base = x.detach().round()
-    lo, hi = _bounds(base.long(), eps)
+    lo, hi = bounds(base.long(), eps)
     z = torch.arange(256, device=x.device, dtype=x.dtype)
     decoder = model.decoder(b, w, x.device)
     rows = []

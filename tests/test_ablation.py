@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from pdray import ablation
+from pdray import ablation, purify
 from pdray.config import Purifier
 from pdray.errors import PdrayError
 from conftest import tiny_classifier, tiny_pixelcnn
@@ -36,6 +36,9 @@ def test_probe_reports_where_purification_goes(fmnist_samples):
     assert 0.0 <= untouched[1]["auc_vs_clean"] <= 1.0 and "auc_vs_clean" not in untouched[0]
     # Nothing purified: the model sees the clean past in the clean row either way.
     assert untouched[0]["mode_to_clean"] == untouched[0]["mode_to_clean_given_clean_past"]
+    for r in untouched:  # a ball of one value leaves no choice, whatever the past
+        assert r["accuracy_given_clean_past"] == r["accuracy_given_input_past"] == r["accuracy_before"]
+    assert "context_gain_by_channel" not in untouched[1]  # one channel: context_gain says it
     clean, anywhere = ablation.probe(pixelcnn, classifier, images, labels, eps_defend=255,
                                      inputs=("clean", "fgsm"))
     # The whole range is feasible: every value is the model's mode, whatever the input was.
@@ -66,3 +69,22 @@ def test_ablate_refuses_bpda_and_unknown_attacks_before_any_work(tmp_path):
     for kwargs, message in [({"purifier": "adam"}, "purifier"), ({"maxiter": 0}, "maxiter")]:
         with pytest.raises(PdrayError, match=message):
             ablation.run("fmnist", "fmnist-pixelcnn", data_dir=tmp_path, **kwargs)
+
+
+def test_teacher_forced_choices_are_algorithm_1s_from_a_fixed_past(cifar_samples):
+    images, labels = cifar_samples[0][:2], cifar_samples[1][:2]
+    pixelcnn = tiny_pixelcnn(3)
+    rng = np.random.default_rng(0)
+    noisy = np.clip(images + rng.integers(-8, 9, images.shape), 0, 255).astype(np.uint8)
+    free = ablation.model_modes(pixelcnn, images)
+    bounded = ablation.model_modes(pixelcnn, images, around=noisy, eps_defend=4)
+    assert np.abs(bounded.astype(int) - noisy).max() <= 4
+    inside = np.abs(free.astype(int) - noisy) <= 4  # the bound binds only where the mode is out
+    assert inside.any() and (~inside).any() and (bounded[inside] == free[inside]).all()
+    # Given the purified image as its past, each choice is the one Algorithm 1 made.
+    purified = purify.pixeldefend(pixelcnn, noisy, 4, method="reference")
+    assert (ablation.model_modes(pixelcnn, purified, around=noisy, eps_defend=4) == purified).all()
+    row = ablation.probe(pixelcnn, tiny_classifier(3), images, labels, eps_defend=4,
+                         inputs=("fgsm",))[0]
+    assert len(row["context_gain_by_channel"]) == 3
+    assert all(np.isfinite(g) for g in [row["context_gain"], *row["context_gain_by_channel"]])

@@ -29,7 +29,7 @@ def direct_one_pass(model, images, eps_defend):
     x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).long()
     with torch.no_grad():
         probs = torch.softmax(model(x), -1).reshape(-1, 256)
-    lo, hi = purify._bounds(x, torch.full((len(x),), eps_defend))
+    lo, hi = purify.bounds(x, torch.full((len(x),), eps_defend))
     direct = purify._decide(probs, lo.reshape(-1), hi.reshape(-1))[0].view(x.shape)
     return direct.numpy().transpose(0, 2, 3, 1).astype(np.uint8)
 

@@ -192,7 +192,7 @@ def test_soft_tends_to_the_exact_purifier_as_tau_falls(channels, logistic, head,
     exact, _ = purify.fast_batch(model, x.long(), eps)
     with torch.no_grad():
         logits = model(exact)  # (B, C, H, W, 256): each conditional given the exact prefix
-    lo, hi = purify._bounds(x.long(), eps)
+    lo, hi = purify.bounds(x.long(), eps)
     z = torch.arange(256)
     feasible = (z >= lo[..., None]) & (z <= hi[..., None])
     best = logits.masked_fill(~feasible, float("-inf")).topk(2, dim=-1).values
