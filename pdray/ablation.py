@@ -43,24 +43,13 @@ def jpeg(images: np.ndarray, quality: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def model_modes(pixelcnn, images: np.ndarray, batch_size: int = 32, *,
-                around: np.ndarray | None = None, eps_defend: int = 0) -> np.ndarray:
-    """The most likely value of every sub-pixel given the pixels of ``images`` before it
-    (uint8 NHWC). On a purified image these are the unconstrained choices Algorithm 1
-    weighed, since each of its decisions saw exactly the purified prefix. With ``around``,
-    the most likely within eps_defend of it: Algorithm 1's bounded choice, made with
-    ``images`` as the past instead of the purified prefix (teacher forcing)."""
+def model_modes(pixelcnn, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    """The most likely value of every sub-pixel given the pixels before it (uint8 NHWC).
+    On a purified image these are the unconstrained choices Algorithm 1 weighed, since each
+    of its decisions saw exactly the purified prefix."""
     device = next(pixelcnn.parameters()).device
-    out = []
-    for i in range(0, len(images), batch_size):
-        logits = pixelcnn(to_nchw(images[i:i + batch_size], device))  # (B, C, H, W, 256)
-        if around is not None:
-            lo, hi = purify.bounds(to_nchw(around[i:i + batch_size], device),
-                                   torch.full((len(logits),), eps_defend, device=device))
-            z = torch.arange(256, device=device)
-            logits = logits.masked_fill((z < lo[..., None]) | (z > hi[..., None]), float("-inf"))
-        out.append(to_nhwc(logits.argmax(-1)))
-    return np.concatenate(out)
+    return np.concatenate([to_nhwc(pixelcnn(to_nchw(images[i:i + batch_size], device)).argmax(-1))
+                           for i in range(0, len(images), batch_size)])
 
 
 def kept(purified: np.ndarray, purified_clean: np.ndarray, x: np.ndarray, clean: np.ndarray,
@@ -173,7 +162,7 @@ def probe(pixelcnn, classifier, images: np.ndarray, labels: np.ndarray, *,
         # Algorithm 1's bounded choices made all at once from a fixed past: the clean image's
         # (the chain without drift) and the input's (the chain that copies its input's past).
         for past, z in (("clean", images), ("input", x)):
-            forced = model_modes(pixelcnn, z, around=x, eps_defend=eps_defend)
+            forced = purify.one_pass(pixelcnn, x, eps_defend, past=z, batch_size=batch_size)
             rows[-1][f"accuracy_given_{past}_past"] = float((predict(classifier, forced) == labels).mean())
     return rows
 

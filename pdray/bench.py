@@ -33,7 +33,7 @@ from pdray.config import (GPU_PURIFY_BATCH, THROUGH_DEFENSE, Attack, Defense, Ev
 from pdray.errors import PdrayError, parse_choice
 from pdray.monitor import PeakMemory, peak_rss_mb
 from pdray.pixelcnn import bits_per_dim
-from pdray.pixels import to_nchw, to_nhwc
+from pdray.pixels import to_nchw
 
 
 def _timed(fn, clock=time.perf_counter):
@@ -65,26 +65,9 @@ class _ArtProbabilities(torch.nn.Module):
         return self.softmax(self.model(torch.floor(x * 255).long().permute(0, 3, 1, 2)))
 
 
-@torch.inference_mode()
-def one_pass(model, images: np.ndarray, eps_defend: int, batch_size: int) -> np.ndarray:
-    """ART's rule computed directly: each sub-pixel becomes the most likely value in its
-    eps_defend box under the model's output for the unpurified image (the first of equal
-    ones). Scored on float32 probabilities as ART reads them, so ties fall as in ART."""
-    device = next(model.parameters()).device
-    z = torch.arange(256, device=device)
-    out = []
-    for start in range(0, len(images), batch_size):
-        x = to_nchw(images[start:start + batch_size], device)
-        lo, hi = purify.bounds(x, torch.full((len(x),), eps_defend, device=device))
-        probs = torch.softmax(model(x), -1)
-        feasible = (z >= lo[..., None]) & (z <= hi[..., None])
-        out.append(to_nhwc(probs.masked_fill(~feasible, -1.0).argmax(-1)))
-    return np.concatenate(out)
-
-
 def art_pixeldefend(model, images: np.ndarray, eps_defend: int, batch_size: int) -> np.ndarray:
     """IBM ART 1.20.1's PixelDefend around the same PixelCNN, on the model's device, for
-    comparison. It is not Algorithm 1 but ``one_pass``. Under numpy 2 it crashes
+    comparison. It is not Algorithm 1 but ``purify.one_pass``. Under numpy 2 it crashes
     (OverflowError) on any pixel within eps of 0 or 255, because ``x - eps`` is computed in
     uint8; giving it eps as a numpy int64 after construction (its check wants a Python int)
     makes that arithmetic int64. Any failure of ART's is a PdrayError: it is a comparison,
@@ -151,7 +134,7 @@ def bench_purify(dataset: str, n_images: int | None = None, batch_size: int | No
     extra = {}
     if art:
         art_out, art_s = _timed(lambda: art_pixeldefend(model, images, eps_defend, batch_size))
-        one = one_pass(model, images, eps_defend, batch_size)
+        one = purify.one_pass(model, images, eps_defend, batch_size=batch_size)
         n = agreement_images
         extra = {"art_s": round(art_s, 3), "bpd_art": float(bits_per_dim(model, art_out).mean()),
                  "art_agreement_with_one_pass": _mean(art_out == one),

@@ -115,6 +115,29 @@ def fast_batch(model: PixelCNN, x: torch.Tensor,
     return xs, logp
 
 
+# ---- one pass: every choice from a fixed past (not Algorithm 1) -----------------------------
+
+@torch.no_grad()
+def one_pass(model: PixelCNN, images: np.ndarray, eps_defend: int, *,
+             past: np.ndarray | None = None, batch_size: int = 64) -> np.ndarray:
+    """Every sub-pixel of uint8 NHWC ``images`` becomes the most likely value in its
+    eps_defend box under the model's conditionals given ``past`` (default: the images
+    themselves), all from one forward pass. Algorithm 1's past is its own purified prefix
+    instead; with the images as past this is IBM ART's PixelDefend rule. Scored on float32
+    probabilities as ART reads them, so ties fall as in ART (the first of equal ones)."""
+    device = next(model.parameters()).device
+    past = images if past is None else past
+    z = torch.arange(256, device=device)
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = to_nchw(images[start:start + batch_size], device)
+        lo, hi = bounds(x, torch.full((len(x),), eps_defend, device=device))
+        probs = torch.softmax(model(to_nchw(past[start:start + batch_size], device)), -1)
+        feasible = (z >= lo[..., None]) & (z <= hi[..., None])
+        out.append(to_nhwc(probs.masked_fill(~feasible, -1.0).argmax(-1)))
+    return np.concatenate(out)
+
+
 # ---- the public entry point ----------------------------------------------------------------
 
 def eps_per_image(eps_defend, n: int) -> np.ndarray:

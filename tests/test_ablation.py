@@ -71,19 +71,19 @@ def test_ablate_refuses_bpda_and_unknown_attacks_before_any_work(tmp_path):
             ablation.run("fmnist", "fmnist-pixelcnn", data_dir=tmp_path, **kwargs)
 
 
-def test_teacher_forced_choices_are_algorithm_1s_from_a_fixed_past(cifar_samples):
+def test_one_pass_makes_algorithm_1s_choices_from_a_fixed_past(cifar_samples):
     images, labels = cifar_samples[0][:2], cifar_samples[1][:2]
     pixelcnn = tiny_pixelcnn(3)
     rng = np.random.default_rng(0)
     noisy = np.clip(images + rng.integers(-8, 9, images.shape), 0, 255).astype(np.uint8)
     free = ablation.model_modes(pixelcnn, images)
-    bounded = ablation.model_modes(pixelcnn, images, around=noisy, eps_defend=4)
+    bounded = purify.one_pass(pixelcnn, noisy, 4, past=images, batch_size=1)
     assert np.abs(bounded.astype(int) - noisy).max() <= 4
     inside = np.abs(free.astype(int) - noisy) <= 4  # the bound binds only where the mode is out
     assert inside.any() and (~inside).any() and (bounded[inside] == free[inside]).all()
     # Given the purified image as its past, each choice is the one Algorithm 1 made.
     purified = purify.pixeldefend(pixelcnn, noisy, 4, method="reference")
-    assert (ablation.model_modes(pixelcnn, purified, around=noisy, eps_defend=4) == purified).all()
+    assert (purify.one_pass(pixelcnn, noisy, 4, past=purified) == purified).all()
     row = ablation.probe(pixelcnn, tiny_classifier(3), images, labels, eps_defend=4,
                          inputs=("fgsm",))[0]
     assert len(row["context_gain_by_channel"]) == 3

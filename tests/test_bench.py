@@ -44,7 +44,7 @@ def test_art_reads_the_probabilities_and_picks_their_bounded_argmax(samples, cha
     model = tiny_pixelcnn(channels)
     out = bench.art_pixeldefend(model, images, 8, batch_size=3)
     assert np.array_equal(out, direct_one_pass(model, images, 8))
-    assert np.array_equal(out, bench.one_pass(model, images, 8, batch_size=2))
+    assert np.array_equal(out, purify.one_pass(model, images, 8, batch_size=2))
     assert (out != images).mean() > 0.3  # not vacuous
 
 
