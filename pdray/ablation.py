@@ -155,10 +155,9 @@ def probe(pixelcnn, classifier, images: np.ndarray, labels: np.ndarray, *,
             followed = model_modes(pixelcnn, x)
             rows[-1]["context_gain"] = kept(followed, teacher, x, images)
             if images.shape[-1] > 1:  # G and B also see the same pixel's decided R (and G)
-                channel = np.arange(images.shape[-1]) == np.arange(images.shape[-1])[:, None]
                 rows[-1]["context_gain_by_channel"] = [
                     kept(followed, teacher, x, images, np.broadcast_to(c, images.shape))
-                    for c in channel]
+                    for c in np.eye(images.shape[-1], dtype=bool)]  # one channel's mask each
         # Algorithm 1's bounded choices made all at once from a fixed past: the clean image's
         # (the chain without drift) and the input's (the chain that copies its input's past).
         for past, z in (("clean", images), ("input", x)):
