@@ -163,6 +163,9 @@ def classifier_loop(config: dict) -> None:
                                 "wall_time_s": wall, "generator": gen.get_state(),
                                 "torch_rng": torch.get_rng_state()})
 
+    if epoch >= cfg.epochs:  # a saved state at or past --epochs: report it as is, to ship it
+        checkpoint(metrics)
+        return
     while epoch < cfg.epochs:
         t0 = started = time.time()
         model.train()

@@ -40,6 +40,11 @@ def test_a_classifier_resumes_exactly_continues_and_ships(ray_local, tmp_path, m
     assert ckpt["arch"] == "resnet" and model(torch.zeros(1, 1, 28, 28)).shape == (1, 10)
     assert zoo.manifest()[0]["sha256"] == sha256(zoo.weights_dir() / entry["file"])
     assert entry["data"]["sha256"] == data.load("fmnist").sha256  # what its metric was measured on
+    # A saved state at or past --epochs is reported as it is (how a committed state ships).
+    cfg.resume_from = str(sorted((tmp_path / "whole").glob("*/checkpoint_*/state.pt"))[-1])
+    again = train.train_classifier(cfg, train.Scaling(runs_dir=str(tmp_path / "again")))
+    assert again["epochs"] == 2 and round(again["wall_time_s"], 1) == entry["wall_time_s"]
+    assert again["metrics"]["test_accuracy"] == entry["metrics"]["test_accuracy"]
 
 
 def test_relative_data_dir_is_the_drivers(ray_local, tmp_path, monkeypatch):
