@@ -1,6 +1,6 @@
 """Controlled experiments on why purification fails on CIFAR-10 (the JPEG copy).
 
-The CIFAR-10 data pdray is trained on here is a JPEG-decoded copy whose error (6.24 levels
+The CIFAR-10 data pdray's first models were trained on here is a JPEG-decoded copy whose error (6.24 levels
 per sub-pixel on average) is the size of eps_attack 8. ``jpeg`` makes the same kind of copy
 of exact data, so a Fashion-MNIST PixelCNN trained on it separates "the data" from "the
 model" with an exact ground truth.

@@ -69,7 +69,7 @@ CIFAR10_OFFICIAL_MD5 = {
     "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
     "test_batch": "40351d587109b95175f43aff81a1287e",
 }
-# sha256 of the batches of the JPEG-decoded copy the shipped CIFAR-10 models were trained
+# sha256 of the batches of the JPEG-decoded copy pdray's first CIFAR-10 models were trained
 # on (official format and order, each image JPEG-compressed and decoded), so reports can say so.
 CIFAR10_JPEG_COPY_SHA256 = {
     "data_batch_1": "dc2289cfc09ac4b3fecc62bdcac4874429c61b696619ed6f291a890051eeda72",
