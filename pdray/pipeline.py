@@ -20,6 +20,7 @@ import os
 import time
 from collections import defaultdict
 from dataclasses import asdict, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -95,8 +96,9 @@ class PurifierStage:
     """One PixelCNN replica: scores each input (bits/dim, p-value), applies every defense
     (``purify.defend``), and classifies the result with the unmodified classifiers."""
 
-    def __init__(self, cfg: dict):
+    def __init__(self, cfg: dict, out: str | None = None):
         self.cfg = EvalConfig(**cfg)
+        self.out = out  # the run's folder: adaptive attacks keep their images there (results.kept)
         device = cluster.torch_device()
         self.pixelcnn = zoo.load(self.cfg.pixelcnn, device)[0]
         self.train_logp = detect.train_log_likelihoods(self.cfg.pixelcnn)
@@ -174,7 +176,8 @@ class PurifierStage:
         ``target``), which become that defense's rows only. Each defense's row then holds
         an attack aimed at it, as the per-image worst case over a row's attacks needs. They
         run here, beside the PixelCNN (and its GPU), each (attack, defense) once for every
-        classifier and eps_attack together (``attacks.through_defense``)."""
+        classifier and eps_attack together (``attacks.through_defense``), and each kept
+        in the run's folder until the run is complete (``results.kept``)."""
         cfg = self.cfg
         clean = np.nonzero(batch["attack"] == "clean")[0]
         if not len(clean):
@@ -185,11 +188,9 @@ class PurifierStage:
         parts, n = [batch], len(clean)
         for attack in [a for a in cfg.attacks if a in THROUGH_DEFENSE]:
             for d in cfg.defenses:
-                t = time.perf_counter()
-                made = attacks.through_defense(attack, list(self.models.values()), images,
-                                               labels, cfg.eps_attack,
-                                               **self._through(attack, d), **options)
-                seconds = (time.perf_counter() - t) / len(cfg.eps_attack) / n / len(self.models)
+                kept = results.kept(self.out, f"{attack}-{d}", ids,
+                                    partial(self._aimed, attack, d, images, labels, options))
+                made, seconds = kept["images"], float(kept["seconds"])
                 for name, advs in zip(self.models, made):
                     for eps, adv in zip(cfg.eps_attack, advs):
                         parts.append({
@@ -200,6 +201,17 @@ class PurifierStage:
                             "attack_seconds": np.full(n, seconds),
                             "target": np.full(n, d, dtype=object)})
         return {k: np.concatenate([p[k] for p in parts]) for k in batch}
+
+    def _aimed(self, attack: str, defense: str, images: np.ndarray, labels: np.ndarray,
+               options: dict) -> dict:
+        """``attack`` aimed at ``defense``: its images [classifier][eps_attack] and the
+        seconds it took per image."""
+        t = time.perf_counter()
+        made = attacks.through_defense(attack, list(self.models.values()), images, labels,
+                                       self.cfg.eps_attack, **self._through(attack, defense),
+                                       **options)
+        per_image = (time.perf_counter() - t) / len(self.cfg.eps_attack) / len(images) / len(made)
+        return {"images": np.asarray(made), "seconds": np.asarray(per_image)}
 
     def _through(self, attack: str, defense: str) -> dict:
         """The option that aims ``attack`` at ``defense``: BPDA takes the defense as it is,
@@ -310,7 +322,7 @@ def _evaluate(cfg: EvalConfig, opts: RunOptions, shards: list[list[int]], todo: 
           # batch_size=None with GPUs; there a batch is purify_batch rows, as it forms.
           .map_batches(PurifierStage, batch_size=cfg.purify_batch if gpus else None,
                        num_cpus=opts.purifier_cpus, num_gpus=1 if gpus else 0,
-                       fn_constructor_kwargs={"cfg": asdict(cfg)},
+                       fn_constructor_kwargs={"cfg": asdict(cfg), "out": str(out.resolve())},
                        compute=purifiers))
     pending, t0 = defaultdict(list), time.time()
     for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
@@ -326,6 +338,7 @@ def _evaluate(cfg: EvalConfig, opts: RunOptions, shards: list[list[int]], todo: 
                     f"{len(expected)} to go")
     if expected:
         raise PdrayError(f"shards {sorted(expected)} came back incomplete; rerun with --resume.")
+    results.drop_partial(out, len(shards))
     return {"purifiers": _size(purifiers), "gpus": gpus}
 
 

@@ -5,6 +5,8 @@
     OUT/results/shard=KKKKK/part-0.parquet  one row per (image, classifier, attack,
     OUT/results/shard=KKKKK/_SUCCESS        eps_attack, defense); the marker says "complete"
     OUT/history.jsonl                     one line per invocation: shards, wall time, memory
+    OUT/partial/ATTACK-DEFENSE-IDS.npz    an adaptive attack's images of a shard not yet
+                                          written, so a stopped run resumes inside a shard
 
 A shard is replaced whole (its part file swapped in with os.replace, then marked), so a
 rerun is atomic and duplicate-free whatever Ray retried. No Ray and no models here.
@@ -12,11 +14,15 @@ rerun is atomic and duplicate-free whatever Ray retried. No Ray and no models he
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 import sys
 import time
+import zipfile
 from dataclasses import asdict, fields
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -43,6 +49,7 @@ SHARED = "*"  # the classifier of rows whose image does not depend on one (clean
 KEY = ["image_id", "classifier", "attack", "eps_attack", "defense"]
 MARKER = "_SUCCESS"
 HISTORY = "history.jsonl"
+PARTIAL = "partial"
 
 
 # ---- shards --------------------------------------------------------------------------------
@@ -200,6 +207,44 @@ def _check_same_data(out: Path, old: dict | None, new: dict | None) -> None:
                      f"{new['source']}, and the files' sha256 checksums differ (see run.json); "
                      f"resuming would mix results from two datasets. Point --data-dir at the "
                      f"data that run used, or use a new --out folder.")
+
+
+# ---- partial: adaptive attacks of shards not yet written ----------------------------------
+
+def kept(out: str | Path | None, name: str, image_ids: np.ndarray,
+         make: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """``make()``'s arrays for these images, kept in OUT/partial until the run is complete.
+    An adaptive attack on one shard takes its purifier an hour on a CPU; a stopped run
+    (--resume) then redoes only the attacks it had not finished. The file's name digests
+    the image ids and run.json's configuration and models, so no other run reads it. Kept
+    only where a purifier sees the run's folder (a purifier on another node without shared
+    storage recomputes); a damaged file is recomputed."""
+    if out is None or not (Path(out) / "run.json").exists():
+        return make()
+    run = read_run(out)
+    what = json.dumps([run["config"], run["models"], np.asarray(image_ids).tolist()],
+                      sort_keys=True)
+    path = Path(out) / PARTIAL / f"{name}-{hashlib.sha256(what.encode()).hexdigest()[:16]}.npz"
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return dict(f)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        pass
+    arrays = make()
+    path.parent.mkdir(exist_ok=True)
+
+    def write(tmp: Path):
+        with open(tmp, "wb") as f:  # np.savez would add .npz to a temporary name
+            np.savez(f, **arrays)
+
+    atomic_write(path, write)
+    return arrays
+
+
+def drop_partial(out: Path, n_shards: int) -> None:
+    """Remove OUT/partial once every shard of the run is written."""
+    if len(completed_shards(out)) == n_shards:
+        shutil.rmtree(Path(out) / PARTIAL, ignore_errors=True)
 
 
 # ---- history.jsonl -------------------------------------------------------------------------

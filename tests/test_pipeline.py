@@ -411,6 +411,42 @@ def test_a_purifier_call_slower_than_ray_datas_no_progress_guard_still_completes
                         "eps_attack": [8], "defenses": ["pixeldefend"], "bpda_steps": 5})
     pipeline.run(cfg, RunOptions(out=str(tmp_path)))
     assert results.completed_shards(tmp_path) == {0}
+    assert not (tmp_path / results.PARTIAL).exists()  # kept only until the run is complete
+
+
+def test_a_stopped_run_redoes_only_the_adaptive_attacks_it_had_not_finished(tmp_path,
+                                                                            monkeypatch):
+    """Each adaptive attack's images are kept in the run's folder as they are made: a purifier
+    that meets them again (a resumed shard) makes only the missing or damaged ones, and its
+    rows are the same."""
+    from dataclasses import asdict
+
+    import numpy as np
+
+    from pdray import attacks
+
+    cfg = pipeline.resolve(EvalConfig(**{**CFG, "n_images": 2, "shards": 1, "attacks": ["bpda"],
+                                         "eps_attack": [8], "defenses": ["none", "pixeldefend"],
+                                         "bpda_steps": 2}))
+    results.prepare_out(tmp_path, cfg, [[0, 1]], {"fmnist-resnet-normal": "sha"})
+    batch = pipeline.AttackStage(asdict(cfg), [[0, 1]], None)({"shard": np.array([0])})
+    made = []
+    real = attacks.through_defense
+    monkeypatch.setattr(attacks, "through_defense",
+                        lambda *a, **k: made.append(k["defend"]) or real(*a, **k))
+    stage = pipeline.PurifierStage(asdict(cfg), str(tmp_path))
+    first = pd.DataFrame(stage(batch)).drop(columns="seconds")
+    files = sorted((tmp_path / results.PARTIAL).glob("*.npz"))
+    assert len(made) == 2 and [f.name.split("-")[1] for f in files] == ["none", "pixeldefend"]
+    files[1].unlink()  # stopped while attacking through PixelDefend
+    files[0].write_bytes(b"half a file")  # and a file cut short
+    again = pd.DataFrame(stage(batch)).drop(columns="seconds")
+    assert len(made) == 4
+    pd.testing.assert_frame_equal(first, again)
+    stage(batch)  # both kept now
+    assert len(made) == 4 and sorted((tmp_path / results.PARTIAL).glob("*.npz")) == files
+    pipeline.PurifierStage(asdict(cfg))(batch)  # no run folder: nothing kept, all made
+    assert len(made) == 6
 
 
 def test_cpu_purifiers_grow_into_the_free_cpus_unless_fixed():
