@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
@@ -263,18 +265,25 @@ def run(cfg: EvalConfig, opts: RunOptions, log=_log) -> Path:
         log(f"all {len(shards)} shards of {out} are complete")
         return out
 
-    written, mem = [], PeakMemory()
+    written, mem, invocation = [], PeakMemory(), uuid.uuid4().hex[:12]
 
     def record(**placement):
         results.record_history(out, {
-            "command": results.command(), "shards": todo, "completed": written,
-            "interrupted": len(written) < len(todo), "cpu": versions["cpu"], **placement,
+            "command": results.command(), "invocation": invocation, "shards": todo,
+            "completed": written, "interrupted": len(written) < len(todo),
+            "cpu": versions["cpu"], **placement,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
             "wall_time_s": round(time.time() - started, 1), "peak_pss_mb": mem.peak_mb})
 
+    def wrote(shard: int):
+        # Recorded at every shard, not only at the end: a driver killed outright (a lost
+        # node, a closed session) still leaves its shards' wall time in the history.
+        written.append(shard)
+        record()
+
     try:
         with mem:
-            placement = _evaluate(cfg, opts, shards, todo, out, log, written)
+            placement = _evaluate(cfg, opts, shards, todo, out, log, wrote)
     except BaseException:
         if written:  # its shards stay, so its wall time counts: totals add up across resumes
             record()
@@ -284,9 +293,9 @@ def run(cfg: EvalConfig, opts: RunOptions, log=_log) -> Path:
 
 
 def _evaluate(cfg: EvalConfig, opts: RunOptions, shards: list[list[int]], todo: list[int],
-              out: Path, log, written: list[int]) -> dict:
+              out: Path, log, wrote: Callable[[int], None]) -> dict:
     """Run the shards in ``todo`` through the actor pools and write each as it completes,
-    appending its number to ``written``; returns where the purifiers ran."""
+    then call ``wrote`` with its number; returns where the purifiers ran."""
     cluster.init_ray()
     gpus = cluster.gpus_available() if opts.gpus == "auto" else int(opts.gpus)
     if gpus:
@@ -331,7 +340,7 @@ def _evaluate(cfg: EvalConfig, opts: RunOptions, shards: list[list[int]], todo: 
             got = pd.concat(pending[k]).drop_duplicates(results.KEY)
             if len(got) == expected[k]:
                 results.write_shard(out, k, got)
-                written.append(int(k))
+                wrote(int(k))
                 del pending[k]
                 expected.pop(k)
                 log(f"shard {k} done ({len(got)} rows, {time.time() - t0:.0f} s); "

@@ -255,11 +255,18 @@ def command() -> list[str]:
 
 
 def record_history(out: Path, entry: dict) -> None:
-    """Append one finished invocation (command, shards, wall time) to OUT/history.jsonl,
-    so a results folder tells how it was made and how long that took, across resumes."""
+    """Add one invocation (command, shards, wall time) to OUT/history.jsonl, so a results
+    folder tells how it was made and how long that took, across resumes. An entry with the
+    ``invocation`` of an earlier line replaces it: a run records itself as it goes."""
     path = Path(out) / HISTORY
-    old = path.read_text() if path.exists() else ""
-    atomic_write(path, lambda tmp: tmp.write_text(old + json.dumps(entry) + "\n"))
+    lines = path.read_text().splitlines() if path.exists() else []
+    mine = [i for i, line in enumerate(lines)
+            if "invocation" in entry and json.loads(line).get("invocation") == entry["invocation"]]
+    if mine:
+        lines[mine[0]] = json.dumps(entry)
+    else:
+        lines.append(json.dumps(entry))
+    atomic_write(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in lines)))
 
 
 def read_history(out: Path) -> list[dict]:

@@ -79,11 +79,11 @@ def test_interrupted_then_resumed_equals_uninterrupted(full_run, tmp_path):
 def test_an_interrupted_run_records_only_if_it_wrote_shards(tmp_path, monkeypatch):
     """A run stopped after writing shards keeps them, so its wall time goes into the
     history; one that wrote nothing leaves the history as it was."""
-    def stopped_after_one(cfg, opts, shards, todo, out, log, written):
-        written.append(todo[0])
+    def stopped_after_one(cfg, opts, shards, todo, out, log, wrote):
+        wrote(todo[0])
         raise KeyboardInterrupt
 
-    def failed(cfg, opts, shards, todo, out, log, written):
+    def failed(cfg, opts, shards, todo, out, log, wrote):
         raise PdrayError("the cluster has no GPU")
 
     for fake, error in ((stopped_after_one, KeyboardInterrupt), (failed, PdrayError)):
@@ -93,6 +93,31 @@ def test_an_interrupted_run_records_only_if_it_wrote_shards(tmp_path, monkeypatc
     (entry,) = results.read_history(tmp_path)
     assert entry["shards"] == [0, 1, 2] and entry["completed"] == [0] and entry["interrupted"]
     assert entry["wall_time_s"] >= 0
+
+
+def test_a_killed_driver_leaves_the_shards_it_wrote_in_the_history(tmp_path, monkeypatch):
+    """The history is written as each shard is, so a driver that dies without running its
+    handlers (SIGKILL, a lost node) still accounts for them; each invocation keeps one line."""
+    seen = []
+
+    def killed_after_two(cfg, opts, shards, todo, out, log, wrote):
+        for k in todo[:2]:
+            wrote(k)
+            seen.append(results.read_history(out))
+        monkeypatch.setattr(results, "record_history", lambda *args: None)  # dead: no more
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "_evaluate", killed_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run(EvalConfig(**CFG), RunOptions(out=str(tmp_path)))
+    assert [[e["completed"] for e in h] for h in seen] == [[[0]], [[0, 1]]]
+    (entry,) = results.read_history(tmp_path)
+    assert entry["shards"] == [0, 1, 2] and entry["interrupted"] and entry["wall_time_s"] >= 0
+    monkeypatch.undo()
+    monkeypatch.setattr(pipeline, "_evaluate", lambda *args: {})
+    pipeline.run(EvalConfig(**CFG), RunOptions(out=str(tmp_path), resume=True))
+    first, second = results.read_history(tmp_path)
+    assert first == entry and second["invocation"] != entry["invocation"]
 
 
 def test_a_resume_on_other_cpu_kernels_says_so(tmp_path, monkeypatch):
